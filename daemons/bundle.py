@@ -1,0 +1,90 @@
+"""Helpers behind the Makefile's bundle targets (make run / stop / db_url).
+
+python -m daemons.bundle write-conf     write .venv/etc/supervisord.conf
+python -m daemons.bundle db-url         print the database URL the bundle uses
+python -m daemons.bundle wait-flowing   wait until tasks reach `done`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from daemons import logs
+from daemons.errors import DaemonError
+from daemons.settings import _Common, load, mask
+from daemons.store import Store
+
+ROOT = Path.cwd()
+
+
+class BundleSettings(_Common):
+    pass
+
+
+def supervisor_conf(root: Path, local_db: bool) -> str:
+    files = [str(root / "conf" / "supervisord.conf")]
+    if local_db:
+        files.append(str(root / "conf" / "localdb.conf"))
+    return (
+        "; Written by `make run` (python -m daemons.bundle write-conf); edit conf/ instead.\n"
+        "; supervisorctl finds this file on its own when run from the venv.\n"
+        "[include]\nfiles = " + " ".join(files) + "\n\n"
+        # supervisorctl reads only this file (it does not follow [include]).
+        f"[supervisorctl]\nserverurl = unix://{root / 'var' / 'run' / 'supervisor.sock'}\n"
+    )
+
+
+async def _wait_flowing(dsn: str, want: int, timeout_s: float) -> int:
+    store = Store(dsn, pool_size=1, name="bundle")
+    await store.open(timeout_s)
+    try:
+        deadline = time.monotonic() + timeout_s
+        start = (await store.count_by_state())["done"]
+        while time.monotonic() < deadline:
+            done = (await store.count_by_state())["done"]
+            if done - start >= want:
+                return done - start
+            await asyncio.sleep(0.5)
+        raise DaemonError(f"fewer than {want} tasks reached done within {timeout_s:.0f}s")
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemons.bundle")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("write-conf")
+    sub.add_parser("db-url")
+    sub.add_parser("uses-local-db")
+    wait = sub.add_parser("wait-flowing")
+    wait.add_argument("--tasks", type=int, default=10)
+    wait.add_argument("--timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    try:
+        settings = load(BundleSettings)
+        logs.configure("bundle", "WARNING", "console")
+        if args.cmd == "write-conf":
+            etc = Path(sys.prefix) / "etc"
+            etc.mkdir(exist_ok=True)
+            conf = etc / "supervisord.conf"
+            conf.write_text(supervisor_conf(ROOT, settings.database_url is None))
+            print(conf)
+        elif args.cmd == "db-url":
+            print(settings.dsn())
+        elif args.cmd == "uses-local-db":
+            return 0 if settings.database_url is None else 1
+        else:
+            n = asyncio.run(_wait_flowing(settings.dsn(), args.tasks, args.timeout))
+            print(f"tasks flowing: {n} reached done on {mask('URL', settings.dsn())}")
+    except DaemonError as exc:
+        print(f"bundle: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

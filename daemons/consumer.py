@@ -1,0 +1,121 @@
+"""The consumer daemon: wires settings, store, engine and the gRPC server, and owns the
+order of start-up and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from daemons import debug, metrics
+from daemons.engine import Engine
+from daemons.errors import DaemonError
+from daemons.lifecycle import Lifecycle
+from daemons.logs import fields
+from daemons.rpc.tasks.v1 import tasks_pb2_grpc
+from daemons.rpc_server import ConsumerServicer, ErrorsAndMetrics
+from daemons.settings import ConsumerSettings
+from daemons.store import Store
+
+log = logging.getLogger("daemons.consumer")
+
+SERVICE_NAME = "tasks.v1.Consumer"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a full batch of 10,000 tasks is ~250 KB
+RPC_GRACE_S = 2.0  # in-flight RPCs get this long to answer once we stop listening
+
+
+class ConsumerApp:
+    def __init__(self, settings: ConsumerSettings) -> None:
+        self.settings = settings
+        self.lifecycle = Lifecycle()
+        self.store = Store(settings.dsn(), pool_size=settings.db_pool_size, name="consumer")
+        self.engine = Engine(
+            self.store,
+            rate_limit=settings.rate_limit,
+            rate_period_s=settings.rate_period,
+            max_in_flight=settings.max_in_flight,
+            work_scale=settings.work_scale,
+        )
+        self.health = health.aio.HealthServicer()
+
+    async def run(self) -> int:
+        s = self.settings
+        started = time.monotonic()
+        self.lifecycle.install_signal_handlers()
+        metrics.serve(s.http_host, s.metrics_port)
+        await self.store.open(s.db_connect_timeout)
+        try:
+            await self.engine.seed()
+            server = grpc.aio.server(
+                interceptors=[ErrorsAndMetrics()],
+                options=[
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            tasks_pb2_grpc.add_ConsumerServicer_to_server(
+                ConsumerServicer(self.engine, s.max_batch), server
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            try:
+                server.add_insecure_port(s.listen)
+            except RuntimeError as exc:
+                raise DaemonError(f"cannot listen on CONSUMER_LISTEN={s.listen}: {exc}") from None
+            self.lifecycle.spawn("processing-writer", self.engine.marker.run_forever())
+            self.lifecycle.spawn("register-writer", self.engine.registrar.run_forever())
+            self.lifecycle.spawn("done-writer", self.engine.done_writer())
+            debug_server = await debug.serve(s.http_host, s.profiling_port)
+            await server.start()
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info(
+                "consumer_started",
+                extra=fields(
+                    listen=s.listen,
+                    rate_limit=s.rate_limit,
+                    rate_period_s=s.rate_period,
+                    max_in_flight=s.max_in_flight,
+                    done_so_far=sum(self.engine.counts),
+                    startup_s=round(time.monotonic() - started, 3),
+                ),
+            )
+            await self.lifecycle.stopping.wait()
+            return await self._shutdown(server, debug_server, started)
+        finally:
+            await self.lifecycle.cancel_all()
+            await self.store.close()
+
+    async def _shutdown(
+        self, server: grpc.aio.Server, debug_server: asyncio.Server | None, started: float
+    ) -> int:
+        s = self.settings
+        t0 = time.monotonic()
+        in_flight = len(self.engine.processing)
+        log.info("consumer_draining", extra=fields(in_flight=in_flight, timeout_s=s.drain_timeout))
+        # Health first, so balancers stop sending before the port closes.
+        await self.health.enter_graceful_shutdown()
+        self.engine.draining = True
+        await server.stop(RPC_GRACE_S)
+        if self.lifecycle.failure is None:
+            finished, released = await self.engine.drain(s.drain_timeout)
+        else:
+            finished, released = 0, 0
+        if debug_server is not None:
+            debug_server.close()
+        log.info(
+            "consumer_stopped",
+            extra=fields(
+                done=self.engine.done_total,
+                in_flight_at_stop=in_flight,
+                finished_in_drain=finished,
+                released_to_received=released,
+                drain_s=round(time.monotonic() - t0, 3),
+                uptime_s=round(time.monotonic() - started, 1),
+                failure=repr(self.lifecycle.failure) if self.lifecycle.failure else "none",
+            ),
+        )
+        return 1 if self.lifecycle.failure else 0

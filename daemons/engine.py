@@ -1,0 +1,319 @@
+"""The consumer's processing engine, independent of gRPC.
+
+    admit -> (limiter, in-flight cap) -> mark `processing` (one statement for all requests
+    that arrive together) -> work (a timer of `value` ms, no task per sleep) -> a
+    group-commit writer marks `done` for everything finished since its last statement.
+
+Only the transition that wins in the database counts (metrics, running sums, log line),
+so a task delivered twice is counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from daemons import metrics
+from daemons.errors import Draining
+from daemons.limiter import SlidingWindowLimiter
+from daemons.logs import fields
+from daemons.store import TRANSIENT_ERRORS, Store, TaskRow
+
+log = logging.getLogger("daemons.consumer")
+task_log = logging.getLogger("daemons.consumer.tasks")
+
+# Statuses, mirroring tasks.v1.TaskStatus without importing gRPC here.
+ACCEPTED, RATE_LIMITED, DUPLICATE, INVALID, BUSY = 1, 2, 3, 4, 5
+
+MAX_ROWS_PER_STATEMENT = 5000  # keeps one statement well under a second
+BACKOFF_MAX_S = 2.0
+FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished work
+
+In = TypeVar("In")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class NewTask:
+    """A task as a request carries it (id 0 = not registered yet)."""
+
+    id: int
+    type: int
+    value: int
+    creation_time: float = 0.0
+
+
+class Coalescer(Generic[In, R]):
+    """Runs one statement for every request that arrived while the previous statement
+    ran: batches grow with load on their own and add no delay when idle.
+
+    `run(items)` returns one result per item (None = lost the transition). `on_rows` sees
+    every non-None result even when the waiting caller was cancelled meanwhile, so work
+    the database now records is never dropped by a client that went away.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[In]], Awaitable[list[R | None]]],
+        on_rows: Callable[[list[R]], None],
+        max_items: int = MAX_ROWS_PER_STATEMENT,
+    ) -> None:
+        self.name = name
+        self._run = run
+        self._on_rows = on_rows
+        self._max = max_items
+        self._queue: list[tuple[list[In], asyncio.Future[list[R | None]]]] = []
+        self._wake = asyncio.Event()
+
+    async def submit(self, items: list[In]) -> list[R | None]:
+        fut: asyncio.Future[list[R | None]] = asyncio.get_running_loop().create_future()
+        self._queue.append((items, fut))
+        self._wake.set()
+        return await fut
+
+    async def run_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                take, size = 0, 0
+                while take < len(self._queue) and (
+                    take == 0 or size + len(self._queue[take][0]) <= self._max
+                ):
+                    size += len(self._queue[take][0])
+                    take += 1
+                batch, self._queue = self._queue[:take], self._queue[take:]
+                items = [item for chunk, _ in batch for item in chunk]
+                try:
+                    results = await self._run(items)
+                except TRANSIENT_ERRORS as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                self._on_rows([r for r in results if r is not None])
+                pos = 0
+                for chunk, fut in batch:
+                    if not fut.done():
+                        fut.set_result(results[pos : pos + len(chunk)])
+                    pos += len(chunk)
+
+
+@dataclass
+class Engine:
+    store: Store
+    rate_limit: int
+    rate_period_s: float
+    max_in_flight: int
+    work_scale: float = 1.0
+    limiter: SlidingWindowLimiter = field(init=False)
+    draining: bool = False
+    # Admitted and not yet written `done`: id -> (row, work timer or None once finished).
+    processing: dict[int, tuple[TaskRow, asyncio.TimerHandle | None]] = field(default_factory=dict)
+    reserved: int = 0
+    sums: list[int] = field(default_factory=lambda: [0] * 10)
+    counts: list[int] = field(default_factory=lambda: [0] * 10)
+    done_total: int = 0
+    _finished: list[tuple[TaskRow, float]] = field(default_factory=list)
+    _wake_writer: asyncio.Event = field(default_factory=asyncio.Event)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.limiter = SlidingWindowLimiter(self.rate_limit, self.rate_period_s)
+        self._idle.set()
+        self.marker: Coalescer[int, TaskRow] = Coalescer(
+            "mark-processing", self._mark_processing, self._start_work
+        )
+        self.registrar: Coalescer[NewTask, TaskRow] = Coalescer(
+            "register", self._register, self._start_work
+        )
+
+    async def seed(self) -> None:
+        """Running sums survive restarts: start from what the database says is done."""
+        for t, (count, total) in (await self.store.done_totals_by_type()).items():
+            self.counts[t], self.sums[t] = count, total
+
+    # --- admission ---------------------------------------------------------------
+
+    async def admit(self, tasks: Sequence[NewTask]) -> tuple[list[int], list[int]]:
+        """Admit what the limiter and the in-flight cap allow. Returns (ids, statuses) in
+        request order. Raises Draining while stopping."""
+        if self.draining:
+            metrics.rejected["draining"].inc(len(tasks))
+            raise Draining("consumer is draining; send to another consumer or retry later")
+        n = len(tasks)
+        metrics.tasks_received.inc(n)
+        free = self.max_in_flight - len(self.processing) - self.reserved
+        room = max(0, min(n, free))
+        granted = self.limiter.acquire(room)
+        statuses = [RATE_LIMITED if i < room else BUSY for i in range(n)]
+        ids = [t.id for t in tasks]
+        if granted < n:
+            limited = room - granted
+            if limited:
+                metrics.rejected["rate_limit"].inc(limited)
+            if n - room:
+                metrics.rejected["busy"].inc(n - room)
+        if granted == 0:
+            return ids, statuses
+        self.reserved += granted
+        try:
+            admitted = range(granted)
+            known = [i for i in admitted if tasks[i].id]
+            fresh = [i for i in admitted if not tasks[i].id]
+            if known:
+                rows = await self.marker.submit([tasks[i].id for i in known])
+                losers = [tasks[i].id for i, row in zip(known, rows, strict=True) if row is None]
+                existing = await self.store.existing_ids(losers) if losers else set()
+                for i, row in zip(known, rows, strict=True):
+                    if row is not None:
+                        statuses[i] = ACCEPTED
+                    elif tasks[i].id in existing:
+                        statuses[i] = DUPLICATE
+                        metrics.rejected["duplicate"].inc()
+                    else:
+                        statuses[i] = INVALID
+                        metrics.rejected["invalid"].inc()
+            if fresh:
+                rows = await self.registrar.submit([tasks[i] for i in fresh])
+                for i, row in zip(fresh, rows, strict=True):
+                    if row is not None:
+                        statuses[i], ids[i] = ACCEPTED, row.id
+        finally:
+            self.reserved -= granted
+        return ids, statuses
+
+    async def _mark_processing(self, ids: list[int]) -> list[TaskRow | None]:
+        rows = await self.store.mark_processing(ids)
+        metrics.batch_processing.observe(len(ids))
+        by_id = {row.id: row for row in rows}
+        return [by_id.pop(i, None) for i in ids]
+
+    async def _register(self, tasks: list[NewTask]) -> list[TaskRow | None]:
+        now = time.time()
+        rows = await self.store.insert_batch(
+            [t.type for t in tasks],
+            [t.value for t in tasks],
+            [t.creation_time or now for t in tasks],
+            state="processing",
+        )
+        metrics.batch_processing.observe(len(tasks))
+        # Identity values are drawn in row order within one INSERT ... SELECT.
+        rows.sort(key=lambda r: r.id)
+        return list(rows)
+
+    # --- work ----------------------------------------------------------------------
+
+    def _start_work(self, rows: list[TaskRow]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for row in rows:
+            delay = row.value * self.work_scale / 1000.0
+            handle = loop.call_later(delay, self._work_finished, row, now)
+            self.processing[row.id] = (row, handle)
+        if self.processing:
+            self._idle.clear()
+        metrics.tasks_processing.set(len(self.processing))
+
+    def _work_finished(self, row: TaskRow, started: float) -> None:
+        entry = self.processing.get(row.id)
+        if entry is None:
+            return
+        self.processing[row.id] = (row, None)
+        metrics.task_processing_seconds.observe(asyncio.get_running_loop().time() - started)
+        self._finished.append((row, time.time()))
+        self._wake_writer.set()
+
+    async def done_writer(self) -> None:
+        """Group commit: one `done` statement for everything finished since the last one.
+        While the database is away the finished work is kept and retried, never lost."""
+        failing_since: float | None = None
+        delay = 0.05
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._finished:
+                batch = self._finished[:MAX_ROWS_PER_STATEMENT]
+                try:
+                    won = set(await self.store.mark_done([row.id for row, _ in batch]))
+                except TRANSIENT_ERRORS as exc:
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("db_write_failing", extra=fields(error=str(exc).strip()))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    continue
+                if failing_since is not None:
+                    log.info(
+                        "db_write_recovered",
+                        extra=fields(after_s=round(time.monotonic() - failing_since, 2)),
+                    )
+                    failing_since, delay = None, 0.05
+                del self._finished[: len(batch)]
+                metrics.batch_done.observe(len(batch))
+                self._record_done(batch, won)
+
+    def _record_done(self, batch: list[tuple[TaskRow, float]], won: set[int]) -> None:
+        sums, counts = self.sums, self.counts
+        info = task_log.isEnabledFor(logging.INFO)
+        for row, finished_at in batch:
+            self.processing.pop(row.id, None)
+            if row.id not in won:
+                # Someone else's transition won (lease reclaimed and redelivered): the
+                # winner counts it, not us.
+                continue
+            t = row.type
+            sums[t] += row.value
+            counts[t] += 1
+            metrics.done_by_type[t].inc()
+            metrics.value_sum_by_type[t].inc(row.value)
+            metrics.task_latency_seconds.observe(max(0.0, finished_at - row.creation_time))
+            if info:
+                task_log.info(
+                    "task_done",
+                    extra=fields(id=row.id, type=t, value=row.value, type_sum=sums[t]),
+                )
+        self.done_total += len(won)
+        metrics.tasks_processing.set(len(self.processing))
+        if not self.processing:
+            self._idle.set()
+
+    # --- drain ---------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Stop admitting, let admitted work finish and be written `done` within
+        `timeout_s`. What is left goes back to `received` (redelivered later). Returns
+        (finished during drain, released)."""
+        self.draining = True
+        before = self.done_total
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        released = 0
+        if self.processing:
+            # Not finished in time: stop the timers, give the work back.
+            ids = []
+            for task_id, (_, handle) in list(self.processing.items()):
+                if handle is not None:
+                    handle.cancel()
+                    ids.append(task_id)
+            finished = {row.id for row, _ in self._finished}
+            ids = [i for i in ids if i not in finished]
+            if ids:
+                released = len(await asyncio.shield(self.store.release_processing(ids)))
+                for i in ids:
+                    self.processing.pop(i, None)
+            if not self.processing:
+                self._idle.set()
+            # Work that did finish is still written `done`; it only waits on the database.
+            try:
+                await asyncio.wait_for(self._idle.wait(), FLUSH_GRACE_S)
+            except TimeoutError:
+                log.error("drain_unwritten", extra=fields(tasks=len(self.processing)))
+        return self.done_total - before, released

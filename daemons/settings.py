@@ -1,0 +1,199 @@
+"""Settings: one frozen object per daemon, from the environment and a `.env` file.
+
+An invalid value is reported as one line naming the variable, the value and what is
+accepted (`SettingsError`); the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemons.errors import SettingsError
+
+ENV_FILE = ".env"
+LOCAL_HOST = "127.0.0.1"
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["console", "json"]
+
+
+def _port(default: int, what: str) -> Any:
+    return Field(default, ge=0, le=65535, description=f"{what} port on HTTP_HOST (0 = off)")
+
+
+class _Common(BaseSettings):
+    """Settings both daemons share (each under its own prefix, except DATABASE_URL)."""
+
+    model_config = SettingsConfigDict(
+        env_file=ENV_FILE, extra="ignore", frozen=True, case_sensitive=False
+    )
+    prefix: ClassVar[str] = ""
+
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("DATABASE_URL"),
+        description="PostgreSQL URL; unset = the local embedded database (make run)",
+    )
+    db_pool_size: int = Field(4, ge=1, le=100, description="database connections in the pool")
+    db_connect_timeout: float = Field(
+        60.0, gt=0, description="seconds to wait for the database at start-up before giving up"
+    )
+    http_host: str = Field(LOCAL_HOST, description="address the metrics and profiling ports bind")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    log_format: LogFormat = Field("console", description="console (key=value) or json")
+    drain_timeout: float = Field(
+        10.0, gt=0, le=3600, description="seconds a graceful stop may take to drain"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("expected a postgresql:// URL")
+        return value or None
+
+    def dsn(self) -> str:
+        from daemons import localdb
+
+        return self.database_url or localdb.default_url()
+
+
+S = TypeVar("S", bound=_Common)
+
+
+class ProducerSettings(_Common):
+    model_config = SettingsConfigDict(env_prefix="PRODUCER_")
+    prefix: ClassVar[str] = "PRODUCER_"
+
+    rate: float = Field(100.0, gt=0, le=1_000_000, description="tasks generated per second")
+    max_backlog: int = Field(
+        1000, ge=1, description="pause while this many tasks are not done (global, from the db)"
+    )
+    total: int = Field(0, ge=0, description="stop and exit 0 after this many tasks (0 = never)")
+    consumer_target: str = Field(
+        "127.0.0.1:50051",
+        min_length=1,
+        description="gRPC target of the consumer(s): host:port, ipv4:a:p,b:p or dns:///name:port",
+    )
+    batch_max: int = Field(1000, ge=1, le=10_000, description="most tasks in one insert and RPC")
+    max_concurrent_sends: int = Field(4, ge=1, le=256, description="batch RPCs in flight at once")
+    send_timeout: float = Field(5.0, gt=0, description="deadline of one batch RPC, seconds")
+    retry_backoff_max: float = Field(
+        2.0, gt=0, description="longest wait before resending refused tasks, seconds"
+    )
+    redeliver_after: float = Field(
+        10.0, gt=0, description="resend `received` tasks untouched for this many seconds"
+    )
+    lease_timeout: float = Field(
+        30.0, gt=0, description="reclaim `processing` tasks untouched for this many seconds"
+    )
+    sweep_interval: float = Field(2.0, gt=0, description="seconds between redelivery sweeps")
+    drain_timeout: float = Field(
+        5.0, gt=0, le=3600, description="seconds a graceful stop waits for in-flight sends"
+    )
+    metrics_port: int = _port(9101, "Prometheus /metrics")
+    profiling_port: int = _port(6061, "/debug/tasks dump")
+
+
+class ConsumerSettings(_Common):
+    model_config = SettingsConfigDict(env_prefix="CONSUMER_")
+    prefix: ClassVar[str] = "CONSUMER_"
+
+    listen: str = Field(
+        "127.0.0.1:50051", pattern=r"^.+:\d{1,5}$", description="gRPC listen address host:port"
+    )
+    rate_limit: int = Field(
+        1000, ge=1, description="tasks admitted per CONSUMER_RATE_PERIOD (all callers together)"
+    )
+    rate_period: float = Field(1.0, gt=0, le=86400, description="limiter window, seconds")
+    max_in_flight: int = Field(1000, ge=1, le=1_000_000, description="tasks worked at once")
+    max_batch: int = Field(10_000, ge=1, description="most tasks accepted in one batch RPC")
+    work_scale: float = Field(
+        1.0, ge=0, description="multiplier on `value` ms of work (0 = no wait; benchmarks)"
+    )
+    metrics_port: int = _port(9102, "Prometheus /metrics")
+    profiling_port: int = _port(6062, "/debug/tasks dump")
+
+
+def env_name(cls: type[_Common], field: str) -> str:
+    info = cls.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"{cls.prefix}{field}".upper()
+
+
+def load(cls: type[S]) -> S:
+    """Build the settings or raise SettingsError naming the first bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        name = env_name(cls, field) if field in cls.model_fields else field.upper()
+        shown = mask(name, str(err.get("input", "")))
+        raise SettingsError(f"invalid {name}={shown!r}: {_accepted(err)}") from None
+
+
+def _accepted(err: Any) -> str:
+    msg = str(err["msg"])
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f"accepted values: {ctx['expected']}"
+    if msg.startswith("Value error, "):
+        msg = msg.removeprefix("Value error, ")
+    return f"accepted: {msg[0].lower()}{msg[1:]}"
+
+
+def mask(name: str, value: str) -> str:
+    """Hide passwords: URLs lose their password, secret-looking names lose the value."""
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.password:
+            netloc = f"{parts.username}:***@{parts.hostname}"
+            if parts.port:
+                netloc += f":{parts.port}"
+            return urlunsplit(parts._replace(netloc=netloc))
+    if any(s in name.upper() for s in ("PASSWORD", "SECRET", "TOKEN")):
+        return "***"
+    return value
+
+
+def explain(settings: _Common) -> str:
+    """Every setting: variable, effective value, source and meaning; secrets masked."""
+    cls = type(settings)
+    dotenv = (
+        {k.upper(): v for k, v in dotenv_values(ENV_FILE).items()}
+        if Path(ENV_FILE).is_file()
+        else {}
+    )
+    environ = {k.upper() for k in os.environ}
+    rows = []
+    for field, info in cls.model_fields.items():
+        name = env_name(cls, field)
+        value = getattr(settings, field)
+        if field == "database_url" and value is None:
+            value = f"(local) {settings.dsn()}"
+        source = "environment" if name in environ else ".env" if name in dotenv else "default"
+        rows.append((name, mask(name, str(value)), source, info.description or ""))
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    lines = [f"{'VARIABLE'.ljust(width)}  {'VALUE'.ljust(vwidth)}  {'SOURCE':11}  MEANING"]
+    lines += [f"{n.ljust(width)}  {v.ljust(vwidth)}  {s:11}  {d}" for n, v, s, d in rows]
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""The one module that talks to PostgreSQL: a connection pool and the domain operations,
+each working on whole batches (one statement per batch per transition).
+
+SQL lives in `schema/queries.sql` as named blocks, loaded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from daemons import schema_dir
+from daemons.errors import DatabaseUnavailable
+from daemons.logs import fields
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the database is away for now", as opposed to a bug in a query.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.AdminShutdown,
+    PoolTimeout,
+)
+
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def queries() -> dict[str, str]:
+    """Parse `queries.sql` into {name: sql}. Comment lines inside a block are dropped."""
+    text = (schema_dir() / "queries.sql").read_text()
+    parts = _NAME.split(text)
+    out: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        sql = "\n".join(
+            line
+            for line in body.splitlines()
+            if line.strip() and not line.lstrip().startswith("--")
+        ).strip()
+        if name in out:
+            raise ValueError(f"queries.sql: query {name!r} defined twice")
+        out[name] = sql
+    return out
+
+
+def q(name: str) -> LiteralString:
+    # The text comes from our own file, never from input: safe to treat as a literal.
+    return queries()[name]
+
+
+async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool) -> None:
+    """Wait, with capped backoff, until the database accepts connections (and has the
+    `tasks` table when `require_schema`): a database that is still starting, or not yet
+    migrated, is not a crash. Raises DatabaseUnavailable with the last reason."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    logged = ""
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=5, autocommit=True)
+            try:
+                cur = await conn.execute("SELECT to_regclass('tasks') IS NOT NULL")
+                row = await cur.fetchone()
+            finally:
+                await conn.close()
+            if not require_schema or (row and row[0]):
+                if logged:
+                    log.info("database_ready")
+                return
+            reason = "table `tasks` missing: run `migrator up` (make migrate)"
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        if time.monotonic() + delay > deadline:
+            raise DatabaseUnavailable(f"database not ready after {timeout_s:.0f}s: {reason}")
+        if reason != logged:
+            log.warning("database_waiting", extra=fields(reason=reason))
+            logged = reason
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+@dataclass(slots=True)
+class TaskRow:
+    id: int
+    type: int
+    value: int
+    creation_time: float
+
+
+class Store:
+    """Pool plus domain operations. The constructor does no I/O; `open()` waits for the
+    database with backoff and raises DatabaseUnavailable with the reason after
+    `connect_timeout` seconds."""
+
+    def __init__(self, dsn: str, *, pool_size: int = 4, name: str = "daemons") -> None:
+        self.dsn = dsn
+        self.pool = AsyncConnectionPool(
+            dsn,
+            min_size=min(2, pool_size),
+            max_size=pool_size,
+            open=False,
+            name=name,
+            timeout=10.0,
+            kwargs={"autocommit": True, "application_name": name},
+            # A broken connection is found and replaced before use, not after a failed query.
+            check=AsyncConnectionPool.check_connection,
+        )
+
+    async def open(self, connect_timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + connect_timeout
+        await wait_for_database(self.dsn, connect_timeout, require_schema=True)
+        await self.pool.open(wait=True, timeout=max(1.0, deadline - time.monotonic()))
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        await self.pool.close(timeout=grace_s)
+
+    def stats(self) -> dict[str, int]:
+        return self.pool.get_stats()
+
+    async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(q(name), params)
+            return await cur.fetchall()
+
+    # --- domain operations -------------------------------------------------------
+
+    async def insert_batch(
+        self,
+        types: Sequence[int],
+        values: Sequence[int],
+        creation_times: Sequence[float],
+        *,
+        state: str = "received",
+    ) -> list[TaskRow]:
+        now = time.time()
+        rows = await self._rows(
+            "insert_batch",
+            {
+                "types": list(types),
+                "values": list(values),
+                "creation_times": list(creation_times),
+                "state": state,
+                "now": now,
+            },
+        )
+        return [TaskRow(*r) for r in rows]
+
+    async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]:
+        """Move `received` tasks to `processing`; returns the rows that won the transition."""
+        rows = await self._rows("mark_processing", {"ids": list(ids), "now": time.time()})
+        return [TaskRow(*r) for r in rows]
+
+    async def mark_done(self, ids: Sequence[int]) -> list[int]:
+        """Move `processing` tasks to `done`; returns the ids that won the transition."""
+        rows = await self._rows("mark_done", {"ids": list(ids), "now": time.time()})
+        return [r[0] for r in rows]
+
+    async def release_processing(self, ids: Sequence[int]) -> list[int]:
+        rows = await self._rows("release_processing", {"ids": list(ids)})
+        return [r[0] for r in rows]
+
+    async def existing_ids(self, ids: Sequence[int]) -> set[int]:
+        rows = await self._rows("existing_ids", {"ids": list(ids)})
+        return {r[0] for r in rows}
+
+    async def count_unfinished(self) -> int:
+        rows = await self._rows("count_unfinished", {})
+        return int(rows[0][0])
+
+    async def count_by_state(self) -> dict[str, int]:
+        counts = {"received": 0, "processing": 0, "done": 0}
+        counts.update({state: int(n) for state, n in await self._rows("count_by_state", {})})
+        return counts
+
+    async def done_totals_by_type(self) -> dict[int, tuple[int, int]]:
+        """{type: (count, value sum)} over done tasks: seeds the running sums at start-up."""
+        rows = await self._rows("done_totals_by_type", {})
+        return {int(t): (int(n), int(s)) for t, n, s in rows}
+
+    async def reclaim_expired(self, lease_s: float, limit: int) -> list[TaskRow]:
+        now = time.time()
+        rows = await self._rows(
+            "reclaim_expired", {"before": now - lease_s, "now": now, "limit": limit}
+        )
+        return [TaskRow(*r) for r in rows]
+
+    async def claim_stale_received(self, age_s: float, limit: int) -> list[TaskRow]:
+        now = time.time()
+        rows = await self._rows(
+            "claim_stale_received", {"before": now - age_s, "now": now, "limit": limit}
+        )
+        return [TaskRow(*r) for r in rows]

@@ -1,0 +1,109 @@
+"""Shared fixtures: a real PostgreSQL for the whole session (a throwaway embedded cluster,
+or TEST_DATABASE_URL), and a fresh database per test cloned from a migrated template."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from daemons import localdb
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TEMPLATE = "tasks_template"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip for a missing tool locally; under CI=true that is a failure instead."""
+    if not condition:
+        if CI:
+            pytest.fail(f"CI=true and a test prerequisite is missing: {reason}")
+        pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _with_db(url: str, dbname: str) -> str:
+    base, _, query = url.partition("?")
+    base = base.rsplit("/", 1)[0] + "/" + dbname
+    return base + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """URL of the maintenance database (`postgres`) of a server for this session."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield _with_db(os.environ["TEST_DATABASE_URL"], "postgres")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="tasks-test-pg-"))
+    port = free_port()
+    proc = localdb.start_background(tmp / "pgdata", port, tmp / "postgres.log")
+    url = localdb.url_for(port, "postgres")
+    try:
+        if not localdb.wait_ready(url, 60):
+            raise RuntimeError(
+                "test PostgreSQL did not start: " + (tmp / "postgres.log").read_text()
+            )
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: str) -> str:
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+        conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    url = _with_db(pg_server, TEMPLATE)
+    subprocess.run(
+        [str(BIN / "migrator"), "up"],
+        env={**os.environ, "DATABASE_URL": url},
+        check=True,
+        capture_output=True,
+    )
+    return url
+
+
+@pytest.fixture
+def db_url(pg_server: str, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    yield _with_db(pg_server, name)
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def sql(url: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+def states(url: str) -> dict[str, int]:
+    out = {"received": 0, "processing": 0, "done": 0}
+    out.update(
+        {str(s): int(n) for s, n in sql(url, "SELECT state::text, count(*) FROM tasks GROUP BY 1")}
+    )  # type: ignore[call-overload]
+    return out

@@ -1,0 +1,71 @@
+import asyncio
+import time
+
+from daemons.store import Store
+from tests.conftest import sql, states
+
+
+async def _store(url: str) -> Store:
+    store = Store(url, pool_size=3, name="test")
+    await store.open(10)
+    return store
+
+
+async def test_insert_and_transitions_are_conditional(db_url: str) -> None:
+    store = await _store(db_url)
+    try:
+        rows = await store.insert_batch([1, 2, 3], [10, 20, 30], [time.time()] * 3)
+        assert sorted((r.type, r.value) for r in rows) == [(1, 10), (2, 20), (3, 30)]
+        ids = [r.id for r in rows]
+        assert states(db_url) == {"received": 3, "processing": 0, "done": 0}
+        won = await store.mark_processing(ids)
+        assert sorted(r.id for r in won) == sorted(ids)
+        # A second delivery changes nothing and wins nothing.
+        assert await store.mark_processing(ids) == []
+        assert sorted(await store.mark_done(ids[:2])) == sorted(ids[:2])
+        assert await store.mark_done(ids[:2]) == []
+        assert await store.count_unfinished() == 1
+        assert await store.done_totals_by_type() == {1: (1, 10), 2: (1, 20)}
+        assert await store.existing_ids([ids[0], 999_999]) == {ids[0]}
+        assert await store.release_processing([ids[2]]) == [ids[2]]
+        assert states(db_url) == {"received": 1, "processing": 0, "done": 2}
+    finally:
+        await store.close()
+
+
+async def test_sweeps_claim_each_row_once_across_producers(db_url: str) -> None:
+    a, b = await _store(db_url), await _store(db_url)
+    try:
+        old = time.time() - 100
+        rows = await a.insert_batch([0] * 50, [1] * 50, [old] * 50)
+        sql(db_url, "UPDATE tasks SET last_update_time = %s", (old,))
+        await a.mark_processing([r.id for r in rows[:20]])
+        sql(db_url, "UPDATE tasks SET last_update_time = %s", (old,))
+        got = await asyncio.gather(
+            a.claim_stale_received(10, 1000),
+            b.claim_stale_received(10, 1000),
+            a.reclaim_expired(10, 1000),
+            b.reclaim_expired(10, 1000),
+        )
+        stale = [r.id for r in got[0] + got[1]]
+        expired = [r.id for r in got[2] + got[3]]
+        assert len(stale) == len(set(stale))
+        assert len(expired) == len(set(expired)) == 20
+        # Claimed rows are restamped: a second sweep right after finds nothing new.
+        assert await a.claim_stale_received(10, 1000) == []
+        assert states(db_url)["processing"] == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_queries_survive_comment_column_coming_and_going(db_url: str) -> None:
+    store = await _store(db_url)
+    try:
+        sql(db_url, "ALTER TABLE tasks DROP COLUMN comment")
+        rows = await store.insert_batch([4], [44], [time.time()])
+        sql(db_url, "ALTER TABLE tasks ADD COLUMN comment text")
+        assert [r.id for r in await store.mark_processing([rows[0].id])] == [rows[0].id]
+        assert await store.mark_done([rows[0].id]) == [rows[0].id]
+    finally:
+        await store.close()

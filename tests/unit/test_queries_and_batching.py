@@ -1,0 +1,103 @@
+import filecmp
+from pathlib import Path
+
+import pytest
+
+from daemons import schema_dir
+from daemons.errors import InvalidTask
+from daemons.producer import batch_size, random_tasks
+from daemons.protogen import ROOT, generate
+from daemons.rpc.tasks.v1 import tasks_pb2
+from daemons.rpc_server import validate_batch
+from daemons.store import queries
+
+NEEDED = {
+    "insert_batch",
+    "mark_processing",
+    "mark_done",
+    "release_processing",
+    "existing_ids",
+    "count_unfinished",
+    "count_by_state",
+    "done_totals_by_type",
+    "reclaim_expired",
+    "claim_stale_received",
+}
+
+
+def test_every_named_query_is_loaded_and_names_its_columns() -> None:
+    qs = queries()
+    assert NEEDED <= set(qs)
+    for name, text in qs.items():
+        assert text and "--" not in text, name
+        assert "SELECT *" not in text.upper().replace("SELECT * FROM UNNEST", ""), name
+    # Transitions are conditional on the expected state.
+    assert "state = 'received'" in qs["mark_processing"]
+    assert "state = 'processing'" in qs["mark_done"]
+    assert "SKIP LOCKED" in qs["reclaim_expired"] and "SKIP LOCKED" in qs["claim_stale_received"]
+
+
+def test_migrations_have_rollbacks() -> None:
+    mig = schema_dir() / "migrations"
+    ups = sorted(p for p in mig.glob("*.sql") if not p.name.endswith(".rollback.sql"))
+    assert [p.name[:4] for p in ups] == ["0001", "0002"]
+    for up in ups:
+        assert up.with_name(up.stem + ".rollback.sql").exists()
+
+
+@pytest.mark.parametrize(
+    ("credit", "room", "cap", "remaining", "want"),
+    [
+        (5.7, 100, 1000, None, 5),
+        (5000, 100, 1000, None, 100),
+        (5000, 9999, 1000, None, 1000),
+        (50, 100, 1000, 3, 3),
+        (0.9, 10, 10, None, 0),
+        (10, -5, 10, None, 0),
+    ],
+)
+def test_batch_size(credit: float, room: int, cap: int, remaining: int | None, want: int) -> None:
+    assert batch_size(credit, room, cap, remaining) == want
+
+
+def test_random_tasks_in_range() -> None:
+    types, values = random_tasks(5000)
+    assert set(types) == set(range(10))
+    assert min(values) == 0 and max(values) == 99 and len(values) == 5000
+
+
+def _tasks(*specs: tuple[int, int, int]) -> list[tasks_pb2.Task]:
+    return [tasks_pb2.Task(id=i, type=t, value=v) for i, t, v in specs]
+
+
+@pytest.mark.parametrize(
+    ("specs", "match"),
+    [
+        ([(1, 10, 5)], "type 10"),
+        ([(1, 3, 100)], "value 100"),
+        ([(1, 3, -1)], "value -1"),
+        ([(1, -1, 3)], "type -1"),
+        ([(-4, 1, 3)], "negative"),
+        ([(5, 1, 3), (5, 2, 2)], "twice"),
+        ([], "empty"),
+    ],
+)
+def test_validation_refuses_bad_batches(specs: list[tuple[int, int, int]], match: str) -> None:
+    with pytest.raises(InvalidTask, match=match):
+        validate_batch(_tasks(*specs), 100)
+
+
+def test_validation_caps_batch_size_and_accepts_good() -> None:
+    with pytest.raises(InvalidTask, match="exceeds"):
+        validate_batch(_tasks(*[(i + 1, 1, 1) for i in range(11)]), 10)
+    ok = validate_batch(_tasks((0, 0, 0), (0, 9, 99), (7, 5, 50)), 10)
+    assert [(t.id, t.type, t.value) for t in ok] == [(0, 0, 0), (0, 9, 99), (7, 5, 50)]
+
+
+def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
+    generate(tmp_path)
+    fresh = tmp_path / "daemons" / "rpc" / "tasks" / "v1"
+    committed = ROOT / "daemons" / "rpc" / "tasks" / "v1"
+    names = ["tasks_pb2.py", "tasks_pb2.pyi", "tasks_pb2_grpc.py"]
+    _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
+    assert not mismatch and not errors, f"stale stubs {mismatch + errors}: run `make proto_gen`"

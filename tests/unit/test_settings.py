@@ -1,0 +1,89 @@
+import pytest
+
+from daemons.errors import SettingsError
+from daemons.settings import ConsumerSettings, ProducerSettings, explain, load, mask
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    for key in list(os.environ):
+        if key.startswith(("PRODUCER_", "CONSUMER_")) or key == "DATABASE_URL":
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    p, c = load(ProducerSettings), load(ConsumerSettings)
+    assert c.listen == "127.0.0.1:50051"
+    assert p.consumer_target == "127.0.0.1:50051"
+    assert (p.metrics_port, c.metrics_port) == (9101, 9102)
+    assert (p.profiling_port, c.profiling_port) == (6061, 6062)
+    assert p.http_host == c.http_host == "127.0.0.1"
+    assert p.database_url is None and p.dsn().startswith("postgresql://")
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "accepted"),
+    [
+        ("PRODUCER_RATE", "abc", "number"),
+        ("PRODUCER_RATE", "0", "greater than 0"),
+        ("PRODUCER_MAX_BACKLOG", "-1", "greater than or equal to 1"),
+        ("PRODUCER_LOG_FORMAT", "xml", "'console' or 'json'"),
+        ("PRODUCER_LOG_LEVEL", "loud", "DEBUG"),
+        ("DATABASE_URL", "mysql://x", "postgresql://"),
+    ],
+)
+def test_bad_value_names_variable_value_and_accepted(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, accepted: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError) as err:
+        load(ProducerSettings)
+    msg = str(err.value)
+    assert var in msg and repr(value.upper() if var.endswith("LEVEL") else value) in msg
+    assert accepted in msg
+    assert "\n" not in msg
+
+
+def test_consumer_listen_needs_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSUMER_LISTEN", "localhost")
+    with pytest.raises(SettingsError, match="CONSUMER_LISTEN"):
+        load(ConsumerSettings)
+
+
+def test_dotenv_is_read_and_environment_wins(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / ".env").write_text("PRODUCER_RATE=42\nPRODUCER_TOTAL=7\n")
+    monkeypatch.setenv("PRODUCER_TOTAL", "9")
+    s = load(ProducerSettings)
+    assert (s.rate, s.total) == (42.0, 9)
+    text = explain(s)
+    rate_line = next(line for line in text.splitlines() if line.startswith("PRODUCER_RATE "))
+    total_line = next(line for line in text.splitlines() if line.startswith("PRODUCER_TOTAL "))
+    assert ".env" in rate_line and "42" in rate_line
+    assert "environment" in total_line
+    assert "default" in next(x for x in text.splitlines() if x.startswith("PRODUCER_MAX_BACKLOG"))
+
+
+def test_explain_masks_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:s3cret@db.example:5432/tasks")
+    text = explain(load(ConsumerSettings))
+    assert "s3cret" not in text
+    assert "postgresql://app:***@db.example:5432/tasks" in text
+    assert mask("X", "postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    from pathlib import Path
+
+    from daemons.settings import env_name
+
+    text = (Path(__file__).resolve().parents[2] / "conf" / "env.example").read_text()
+    for cls in (ProducerSettings, ConsumerSettings):
+        for field, info in cls.model_fields.items():
+            name = env_name(cls, field)
+            if field == "database_url":
+                assert f"# {name}=" in text
+            else:
+                assert f"# {name}={info.default}\n" in text, name
