@@ -101,3 +101,9 @@ psql: $(STAMP) ## open psql on the bundle's database
 
 clean: ## remove the venv and var/ (the local database too); the bundle must be stopped
 	rm -rf $(VENV) var
+
+# --- observability: Prometheus and Grafana ---------------------------------------------
+
+# --- load and profile -----------------------------------------------------------------
+
+# --- full stack in a VM ---------------------------------------------------------------
