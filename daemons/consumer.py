@@ -68,6 +68,7 @@ class ConsumerApp:
             self.lifecycle.spawn("processing-writer", self.engine.marker.run_forever())
             self.lifecycle.spawn("register-writer", self.engine.registrar.run_forever())
             self.lifecycle.spawn("done-writer", self.engine.done_writer())
+            self.lifecycle.spawn("db-gauges", metrics.refresh_db_gauges(self.store, "consumer"))
             debug_server = await debug.serve(s.http_host, s.profiling_port)
             await server.start()
             for name in ("", SERVICE_NAME):

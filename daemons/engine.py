@@ -244,6 +244,7 @@ class Engine:
                 except TRANSIENT_ERRORS as exc:
                     if failing_since is None:
                         failing_since = time.monotonic()
+                        metrics.db_write_failing.set(1)
                         log.warning("db_write_failing", extra=fields(error=str(exc).strip()))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
@@ -254,6 +255,7 @@ class Engine:
                         extra=fields(after_s=round(time.monotonic() - failing_since, 2)),
                     )
                     failing_since, delay = None, 0.05
+                    metrics.db_write_failing.set(0)
                 del self._finished[: len(batch)]
                 metrics.batch_done.observe(len(batch))
                 self._record_done(batch, won)

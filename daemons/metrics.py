@@ -3,9 +3,17 @@ so the per-task path only calls `.inc()` / `.observe()`."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import Protocol
+
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 from daemons import commit, version
+from daemons.logs import fields
+
+log = logging.getLogger(__name__)
 
 TYPES = range(10)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -58,6 +66,58 @@ done_by_type = [tasks_done.labels(str(t)) for t in TYPES]
 value_sum_by_type = [tasks_value_sum.labels(str(t)) for t in TYPES]
 batch_processing = consumer_db_batch_size.labels("processing")
 batch_done = consumer_db_batch_size.labels("done")
+
+
+# --- both daemons ------------------------------------------------------------------
+tasks_in_state = Gauge(
+    "tasks_in_state", "Tasks per state, from the database (short cache)", ["state", "service"]
+)
+db_pool_size = Gauge("db_pool_size", "Connections currently in the pool")
+db_pool_available = Gauge("db_pool_available", "Idle connections in the pool")
+db_pool_max = Gauge("db_pool_max", "Most connections the pool may open")
+db_pool_requests_waiting = Gauge("db_pool_requests_waiting", "Callers waiting for a connection")
+db_write_failing = Gauge("db_write_failing", "1 while writes to the database fail (outage)")
+grpc_client_handled = Counter(
+    "grpc_client_handled", "RPCs completed on the client, by method and code", ["method", "code"]
+)
+grpc_client_seconds = Histogram(
+    "grpc_client_handling_seconds",
+    "RPC time seen by the client",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+STATE_REFRESH_MIN_S = 2.0
+# The state count scans the table: keep it under ~10 % of one core however big it grows.
+STATE_REFRESH_COST_FACTOR = 10
+
+
+class _StatsSource(Protocol):
+    def stats(self) -> dict[str, int]: ...
+
+    async def count_by_state(self) -> dict[str, int]: ...
+
+
+async def refresh_db_gauges(store: _StatsSource, service: str) -> None:
+    """Background task: pool gauges and tasks per state, refreshed on a short cache so
+    the numbers are right after restarts without a query per scrape or per task."""
+    children = {st: tasks_in_state.labels(st, service) for st in ("received", "processing", "done")}
+    while True:
+        stats = store.stats()
+        db_pool_size.set(stats.get("pool_size", 0))
+        db_pool_available.set(stats.get("pool_available", 0))
+        db_pool_max.set(stats.get("pool_max", 0))
+        db_pool_requests_waiting.set(stats.get("requests_waiting", 0))
+        t0 = time.monotonic()
+        try:
+            counts = await store.count_by_state()
+        except Exception as exc:  # an outage must not kill the metrics loop
+            log.debug("state_count_failed", extra=fields(error=str(exc)))
+        else:
+            for st, child in children.items():
+                child.set(counts.get(st, 0))
+        took = time.monotonic() - t0
+        await asyncio.sleep(max(STATE_REFRESH_MIN_S, took * STATE_REFRESH_COST_FACTOR))
 
 
 def serve(host: str, port: int) -> None:

@@ -9,7 +9,6 @@ is resent with backoff, and the redelivery sweep finds anything older than a thr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -17,7 +16,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from daemons import debug, metrics
+from daemons import debug, metrics, rpc_client
 from daemons.lifecycle import Lifecycle
 from daemons.logs import fields
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
@@ -32,15 +31,6 @@ INVALID = tasks_pb2.TASK_STATUS_INVALID
 TICK_S = 0.02  # generation tick: batches of rate * 20 ms
 BACKLOG_REFRESH_S = 0.25  # re-read the global backlog at least this often
 MAX_BURST_S = 1.0  # credit never exceeds one second of production (no burst after a pause)
-
-SERVICE_CONFIG = json.dumps(
-    {
-        # Several targets (ipv4:a,b or dns:///name) spread by gRPC itself; a consumer
-        # that reports NOT_SERVING on the health service stops receiving work.
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": "tasks.v1.Consumer"},
-    }
-)
 
 
 def random_tasks(n: int) -> tuple[list[int], list[int]]:
@@ -88,14 +78,23 @@ class ProducerApp:
         if since is not None:
             log.info(f"{what}_recovered", extra=fields(after_s=round(time.monotonic() - since, 2)))
 
-    def _check_finished(self) -> None:
-        if (
-            self.generation_done.is_set()
-            and not self.pending
-            and not self.in_send
-            and self.settings.total
-        ):
-            self.finished.set()
+    def _all_sent(self) -> bool:
+        return self.generation_done.is_set() and not self.pending and not self.in_send
+
+    async def _finish_when_done(self) -> None:
+        """With PRODUCER_TOTAL: exit once everything produced is sent and nothing is left
+        unfinished in the database (the sweep keeps running meanwhile, so work a dead
+        consumer held is reclaimed and sent again before we leave)."""
+        while True:
+            await asyncio.sleep(0.2)
+            if not self._all_sent():
+                continue
+            try:
+                if await self.store.count_unfinished() == 0:
+                    self.finished.set()
+                    return
+            except TRANSIENT_ERRORS as exc:
+                self._trouble("db_count", exc)
 
     # --- generation ----------------------------------------------------------------
 
@@ -164,7 +163,6 @@ class ProducerApp:
                 log.info("producer_total_reached", extra=fields(produced=self.produced))
                 break
         self.generation_done.set()
-        self._check_finished()
 
     # --- sending -------------------------------------------------------------------
 
@@ -214,7 +212,6 @@ class ProducerApp:
             for row in rows:
                 self.in_send.pop(row.id, None)
             self.slots.release()
-            self._check_finished()
 
     def _refused(self, rows: Iterable[TaskRow]) -> None:
         for row in rows:
@@ -268,15 +265,7 @@ class ProducerApp:
         self.lifecycle.install_signal_handlers()
         metrics.serve(s.http_host, s.metrics_port)
         await self.store.open(s.db_connect_timeout)
-        channel = grpc.aio.insecure_channel(
-            s.consumer_target,
-            options=[
-                ("grpc.service_config", SERVICE_CONFIG),
-                ("grpc.enable_retries", 0),  # we retry ourselves, from the database
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ],
-        )
+        channel = rpc_client.channel(s.consumer_target)
         self.stub = tasks_pb2_grpc.ConsumerStub(channel)
         debug_server = None
         try:
@@ -293,6 +282,9 @@ class ProducerApp:
             self.lifecycle.spawn("generator", self.generate())
             self.lifecycle.spawn("resender", self.resend())
             self.lifecycle.spawn("sweeper", self.sweep())
+            if s.total:
+                self.lifecycle.spawn("finisher", self._finish_when_done())
+            self.lifecycle.spawn("db-gauges", metrics.refresh_db_gauges(self.store, "producer"))
             stop = asyncio.create_task(self.lifecycle.stopping.wait())
             done = asyncio.create_task(self.finished.wait())
             await asyncio.wait({stop, done}, return_when=asyncio.FIRST_COMPLETED)

@@ -77,13 +77,12 @@ def test_explain_masks_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_env_example_lists_every_setting_with_its_default() -> None:
     from pathlib import Path
 
-    from daemons.settings import env_name
+    from daemons.settings import env_name, render_env_example
 
     text = (Path(__file__).resolve().parents[2] / "conf" / "env.example").read_text()
+    assert text == render_env_example(), "run: python -m daemons.settings > conf/env.example"
     for cls in (ProducerSettings, ConsumerSettings):
         for field, info in cls.model_fields.items():
             name = env_name(cls, field)
-            if field == "database_url":
-                assert f"# {name}=" in text
-            else:
-                assert f"# {name}={info.default}\n" in text, name
+            default = "" if field == "database_url" else str(info.default)
+            assert f"# {name}={default}" in text, name

@@ -1,0 +1,73 @@
+"""The producer's gRPC channel: round_robin over every target, client-side health
+checking, and one interceptor recording handled RPCs and latency per method.
+
+grpc-interceptor offers no asyncio *client* interceptor, so this one implements
+grpc.aio's interface directly (the server side uses grpc-interceptor)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from daemons import metrics
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+SERVICE_CONFIG = json.dumps(
+    {
+        # Several targets (ipv4:a,b or dns:///name) are spread by gRPC itself; a consumer
+        # that reports NOT_SERVING on the health service stops receiving work.
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "tasks.v1.Consumer"},
+    }
+)
+
+
+class ClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self._handled: dict[tuple[str, str], Any] = {}
+        self._seconds: dict[str, Any] = {}
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        method = client_call_details.method
+        method = (method.decode() if isinstance(method, bytes) else method).rsplit("/", 1)[-1]
+        start = time.perf_counter()
+        call = await continuation(client_call_details, request)
+        try:
+            await call
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            key = (method, code.name)
+            child = self._handled.get(key)
+            if child is None:
+                child = self._handled[key] = metrics.grpc_client_handled.labels(*key)
+            child.inc()
+            timer = self._seconds.get(method)
+            if timer is None:
+                timer = self._seconds[method] = metrics.grpc_client_seconds.labels(method)
+            timer.observe(time.perf_counter() - start)
+        return call
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.enable_retries", 0),  # the producer retries itself, from the database
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+        interceptors=[ClientMetrics()],
+    )
