@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
         proto_gen lint format db_url psql clean
 
 help: ## list the targets
-	@grep -E '^[a-z_]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z_]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed; set PYTHON=python3.11 (or newer)")'
@@ -102,8 +102,62 @@ psql: $(STAMP) ## open psql on the bundle's database
 clean: ## remove the venv and var/ (the local database too); the bundle must be stopped
 	rm -rf $(VENV) var
 
+# --- benchmark -------------------------------------------------------------------------
+# A private bundle (own PostgreSQL in a temp dir, own ports), both workloads, the psycopg
+# ceiling and the single-task RPC figure; a table, one JSON line, charts in profiles/.
+# e.g. make bench BENCH_ARGS="--seconds 10 --workloads zero --py-spy"
+BENCH_ARGS ?=
+.PHONY: bench
+
+bench: $(STAMP) ## benchmark a private bundle flat out: tasks/s, latency, CPU/1k, ceiling (BENCH_ARGS=)
+	@mkdir -p profiles
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
 # --- observability: Prometheus and Grafana ---------------------------------------------
+.PHONY: prometheus
+
+prometheus: ## print the URL of the Prometheus that `make run` runs (conf/prometheus.yml)
+	@echo http://127.0.0.1:9090
 
 # --- load and profile -----------------------------------------------------------------
+# Locust against the running consumer; live profiles of a running daemon by pid (from
+# supervisorctl unless PID= is given), written into OUT= (profiles/) with a timestamped
+# name and a stable *-latest name. loadtest/profile.sh does the profiling for all of them.
+
+USERS ?= 20
+SPAWN_RATE ?= 20
+DURATION ?= 15s
+LOCUST_HOST ?=
+MAX_ERROR_RATIO ?= 0.01
+SECONDS ?= 10
+PID ?=
+OUT ?= profiles
+PROFILING_PORT ?=
+PROFILE_SH = SUPERVISORCTL="$(SUPERVISORCTL)" $(CURDIR)/loadtest/profile.sh -o $(OUT) -s $(SECONDS) \
+	$(if $(PID),-p $(PID)) $(if $(PROFILING_PORT),-P $(PROFILING_PORT))
+PROFILE_TARGETS := $(foreach d,consumer producer,$(d)_cpu $(d)_heap $(d)_stacks)
+.PHONY: loadtest profiles consumer_profiles producer_profiles consumer_goroutine \
+        producer_goroutine $(PROFILE_TARGETS)
+
+loadtest: $(STAMP) ## Locust on the consumer (USERS=20 SPAWN_RATE=20 DURATION=15s): profiles/locust*
+	@mkdir -p profiles
+	$(BIN)/locust -f loadtest --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+		$(if $(LOCUST_HOST),--host $(LOCUST_HOST)) --max-error-ratio $(MAX_ERROR_RATIO) \
+		--csv profiles/locust --html profiles/locust-report.html --only-summary
+
+consumer_cpu: ## CPU flame graph (SVG, speedscope) of the live consumer, SECONDS=10; producer_cpu too
+consumer_heap: ## heap flame graph + stats (memray attach), SECONDS=10; producer_heap too
+consumer_stacks: ## threads + asyncio tasks dump (alias consumer_goroutine); producer_stacks too
+consumer_profiles: ## cpu, heap and stacks of the consumer; producer_profiles too
+profiles: consumer_profiles producer_profiles ## every profile of both daemons
+
+$(PROFILE_TARGETS):
+	@$(PROFILE_SH) $(lastword $(subst _, ,$@)) $(firstword $(subst _, ,$@))
+
+consumer_profiles producer_profiles:
+	@$(PROFILE_SH) all $(firstword $(subst _, ,$@))
+
+consumer_goroutine: consumer_stacks
+producer_goroutine: producer_stacks
 
 # --- full stack in a VM ---------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from shutil import which
 
 from daemons import logs
 from daemons.errors import DaemonError
@@ -25,10 +26,12 @@ class BundleSettings(_Common):
     pass
 
 
-def supervisor_conf(root: Path, local_db: bool) -> str:
+def supervisor_conf(root: Path, local_db: bool, prometheus: bool) -> str:
     files = [str(root / "conf" / "supervisord.conf")]
     if local_db:
         files.append(str(root / "conf" / "localdb.conf"))
+    if prometheus:
+        files.append(str(root / "conf" / "prometheus.conf"))
     return (
         "; Written by `make run` (python -m daemons.bundle write-conf); edit conf/ instead.\n"
         "; supervisorctl finds this file on its own when run from the venv.\n"
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             etc = Path(sys.prefix) / "etc"
             etc.mkdir(exist_ok=True)
             conf = etc / "supervisord.conf"
-            conf.write_text(supervisor_conf(ROOT, settings.database_url is None))
+            conf.write_text(
+                supervisor_conf(ROOT, settings.database_url is None, bool(which("prometheus")))
+            )
             print(conf)
         elif args.cmd == "db-url":
             print(settings.dsn())

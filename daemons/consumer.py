@@ -23,7 +23,7 @@ from daemons.store import Store
 log = logging.getLogger("daemons.consumer")
 
 SERVICE_NAME = "tasks.v1.Consumer"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a full batch of 10,000 tasks is ~250 KB
+MAX_REPLY_BYTES = 16 * 1024 * 1024  # a reply to 10,000 tasks is ~100 KB
 RPC_GRACE_S = 2.0  # in-flight RPCs get this long to answer once we stop listening
 
 
@@ -38,8 +38,28 @@ class ConsumerApp:
             rate_period_s=settings.rate_period,
             max_in_flight=settings.max_in_flight,
             work_scale=settings.work_scale,
+            on_db_state=self._on_db_state,
         )
         self.health = health.aio.HealthServicer()
+        self._health_tasks: set[asyncio.Task[None]] = set()
+
+    def _on_db_state(self, ok: bool) -> None:
+        """NOT_SERVING while the database cannot be written, so balancers and the
+        producer stop sending here until it is back."""
+        if self.engine.draining:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        task = asyncio.get_running_loop().create_task(self._set_health(status))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def run(self) -> int:
         s = self.settings
@@ -52,8 +72,8 @@ class ConsumerApp:
             server = grpc.aio.server(
                 interceptors=[ErrorsAndMetrics()],
                 options=[
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", s.max_message_bytes),
+                    ("grpc.max_send_message_length", MAX_REPLY_BYTES),
                     ("grpc.so_reuseport", 0),
                 ],
             )
@@ -62,17 +82,24 @@ class ConsumerApp:
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             try:
-                server.add_insecure_port(s.listen)
+                if s.tls_cert and s.tls_key:
+                    # TLS only: a plaintext client fails its handshake on this port.
+                    creds = grpc.ssl_server_credentials(
+                        [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
+                    )
+                    server.add_secure_port(s.listen, creds)
+                else:
+                    server.add_insecure_port(s.listen)
             except RuntimeError as exc:
                 raise DaemonError(f"cannot listen on CONSUMER_LISTEN={s.listen}: {exc}") from None
             self.lifecycle.spawn("processing-writer", self.engine.marker.run_forever())
             self.lifecycle.spawn("register-writer", self.engine.registrar.run_forever())
             self.lifecycle.spawn("done-writer", self.engine.done_writer())
+            self.lifecycle.spawn("db-probe", self.engine.db_probe())
             self.lifecycle.spawn("db-gauges", metrics.refresh_db_gauges(self.store, "consumer"))
             debug_server = await debug.serve(s.http_host, s.profiling_port)
             await server.start()
-            for name in ("", SERVICE_NAME):
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info(
                 "consumer_started",
                 extra=fields(

@@ -61,11 +61,13 @@ class Coalescer(Generic[In, R]):
         name: str,
         run: Callable[[list[In]], Awaitable[list[R | None]]],
         on_rows: Callable[[list[R]], None],
+        db_state: Callable[[bool, BaseException | None], None],
         max_items: int = MAX_ROWS_PER_STATEMENT,
     ) -> None:
         self.name = name
         self._run = run
         self._on_rows = on_rows
+        self._db_state = db_state
         self._max = max_items
         self._queue: list[tuple[list[In], asyncio.Future[list[R | None]]]] = []
         self._wake = asyncio.Event()
@@ -92,10 +94,12 @@ class Coalescer(Generic[In, R]):
                 try:
                     results = await self._run(items)
                 except TRANSIENT_ERRORS as exc:
+                    self._db_state(False, exc)
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
+                self._db_state(True, None)
                 self._on_rows([r for r in results if r is not None])
                 pos = 0
                 for chunk, fut in batch:
@@ -111,6 +115,9 @@ class Engine:
     rate_period_s: float
     max_in_flight: int
     work_scale: float = 1.0
+    # Told when database writes start or stop failing (the consumer flips its health).
+    on_db_state: Callable[[bool], None] | None = None
+    db_failing_since: float | None = None
     limiter: SlidingWindowLimiter = field(init=False)
     draining: bool = False
     # Admitted and not yet written `done`: id -> (row, work timer or None once finished).
@@ -127,11 +134,26 @@ class Engine:
         self.limiter = SlidingWindowLimiter(self.rate_limit, self.rate_period_s)
         self._idle.set()
         self.marker: Coalescer[int, TaskRow] = Coalescer(
-            "mark-processing", self._mark_processing, self._start_work
+            "mark-processing", self._mark_processing, self._start_work, self._db_state
         )
         self.registrar: Coalescer[NewTask, TaskRow] = Coalescer(
-            "register", self._register, self._start_work
+            "register", self._register, self._start_work, self._db_state
         )
+
+    def _db_state(self, ok: bool, error: BaseException | None) -> None:
+        """One log line per outage episode, a gauge, and the health hook."""
+        if ok and self.db_failing_since is not None:
+            took = time.monotonic() - self.db_failing_since
+            self.db_failing_since = None
+            log.info("db_write_recovered", extra=fields(after_s=round(took, 2)))
+        elif not ok and self.db_failing_since is None:
+            self.db_failing_since = time.monotonic()
+            log.warning("db_write_failing", extra=fields(error=str(error).strip()[:300]))
+        else:
+            return
+        metrics.db_write_failing.set(0 if ok else 1)
+        if self.on_db_state is not None:
+            self.on_db_state(ok)
 
     async def seed(self) -> None:
         """Running sums survive restarts: start from what the database says is done."""
@@ -232,7 +254,6 @@ class Engine:
     async def done_writer(self) -> None:
         """Group commit: one `done` statement for everything finished since the last one.
         While the database is away the finished work is kept and retried, never lost."""
-        failing_since: float | None = None
         delay = 0.05
         while True:
             await self._wake_writer.wait()
@@ -242,20 +263,12 @@ class Engine:
                 try:
                     won = set(await self.store.mark_done([row.id for row, _ in batch]))
                 except TRANSIENT_ERRORS as exc:
-                    if failing_since is None:
-                        failing_since = time.monotonic()
-                        metrics.db_write_failing.set(1)
-                        log.warning("db_write_failing", extra=fields(error=str(exc).strip()))
+                    self._db_state(False, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
-                if failing_since is not None:
-                    log.info(
-                        "db_write_recovered",
-                        extra=fields(after_s=round(time.monotonic() - failing_since, 2)),
-                    )
-                    failing_since, delay = None, 0.05
-                    metrics.db_write_failing.set(0)
+                self._db_state(True, None)
+                delay = 0.05
                 del self._finished[: len(batch)]
                 metrics.batch_done.observe(len(batch))
                 self._record_done(batch, won)
@@ -284,6 +297,19 @@ class Engine:
         metrics.tasks_processing.set(len(self.processing))
         if not self.processing:
             self._idle.set()
+
+    async def db_probe(self, every_s: float = 1.0) -> None:
+        """While writes are failing, find out when the database is back even if no work
+        arrives meanwhile (with health NOT_SERVING, producers stop sending)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.db_failing_since is None:
+                continue
+            try:
+                await self.store.ping()
+            except TRANSIENT_ERRORS:
+                continue
+            self._db_state(True, None)
 
     # --- drain ---------------------------------------------------------------------
 

@@ -112,30 +112,25 @@ def init_cluster(pgdata: Path, *, quiet: bool = True) -> None:
     user = _run_as()
     if user:
         _prepare_for(user, pgdata)
-    out = subprocess.DEVNULL if quiet else None
-    subprocess.run(
-        [
-            str(bin_dir() / "initdb"),
-            "-D",
-            str(pgdata),
-            "--auth=trust",
-            "-U",
-            DB_USER,
-            "--encoding=UTF8",
-            "--no-instructions",
-        ],
-        check=True,
-        stdout=out,
-        **_demote(user),
-    )
+    initdb = [str(bin_dir() / "initdb"), "-D", str(pgdata), "--auth=trust", "-U", DB_USER]
+    _quiet_run([*initdb, "--encoding=UTF8", "--no-instructions"], user, quiet)
     # Single-user mode creates the database before any server listens.
-    subprocess.run(
+    _quiet_run(
         [str(bin_dir() / "postgres"), "--single", "-D", str(pgdata), "postgres"],
-        input=f"CREATE DATABASE {DB_NAME};\n".encode(),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        **_demote(user),
+        user,
+        True,
+        stdin=f"CREATE DATABASE {DB_NAME};\n".encode(),
     )
+
+
+def _quiet_run(argv: list[str], user: str | None, quiet: bool, stdin: bytes = b"") -> None:
+    """Run a setup command; its chatter is shown only when it fails."""
+    out = subprocess.run(argv, input=stdin, capture_output=quiet, check=False, **_demote(user))
+    if out.returncode != 0:
+        detail = (out.stdout or b"") + (out.stderr or b"")
+        raise RuntimeError(
+            f"{Path(argv[0]).name} failed ({out.returncode}): {detail.decode(errors='replace')}"
+        )
 
 
 def server_argv(pgdata: Path, port: int) -> list[str]:

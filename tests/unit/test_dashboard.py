@@ -1,0 +1,198 @@
+"""The Grafana provisioning is consistent: the "Tasks" dashboard, its datasource and the
+file provider that loads it. (Every panel query is run against a real Prometheus in
+tests/system/test_observability.py; here only the files are checked.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from tests.conftest import ROOT
+
+GRAFANA = ROOT / "provisioning" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "tasks.json"
+DATASOURCE = GRAFANA / "datasources" / "prometheus.yml"
+PROVIDER = GRAFANA / "dashboards" / "dashboards.yml"
+# Where the VM installs the dashboards' JSON (provisioning/grafana/dashboards/*.json).
+DASHBOARDS_DIR = "/var/lib/grafana/dashboards"
+
+# Every metric the daemons export (the metrics contract); a panel may use only these.
+METRICS = {
+    "up",
+    "tasks_build_info",
+    "tasks_in_state",
+    "db_pool_size",
+    "db_pool_available",
+    "db_pool_max",
+    "db_pool_requests_waiting",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "tasks_produced_total",
+    "producer_backlog",
+    "producer_paused",
+    "producer_send_errors_total",
+    "producer_redelivered_total",
+    "producer_refused_total",
+    "producer_batch_size_bucket",
+    "producer_batch_size_sum",
+    "producer_batch_size_count",
+    "grpc_client_handled_total",
+    "grpc_client_handling_seconds_bucket",
+    "tasks_received_total",
+    "tasks_rejected_total",
+    "tasks_processing",
+    "tasks_done_total",
+    "tasks_value_sum_total",
+    "task_processing_seconds_bucket",
+    "task_latency_seconds_bucket",
+    "consumer_db_batch_size_bucket",
+    "grpc_server_handled_total",
+    "grpc_server_handling_seconds_bucket",
+}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+}
+
+
+def yaml_values(text: str, key: str) -> list[str]:
+    """Values of every `key: value` line of a simple YAML file (no YAML parser in the
+    venv; the provisioning files are flat enough for this)."""
+    out = []
+    for match in re.finditer(rf"^\s*(?:- )?{key}:\s*(.*?)\s*$", text, re.M):
+        value = match.group(1).split(" #", 1)[0].strip()
+        out.append(value.strip("'\""))
+    return out
+
+
+def one(text: str, key: str) -> str:
+    values = yaml_values(text, key)
+    assert len(values) == 1, (key, values)
+    return values[0]
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
+
+
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from all_panels(panel.get("panels", []))  # panels inside collapsed rows
+
+
+def exprs() -> list[str]:
+    return [t["expr"] for p in all_panels(dashboard()["panels"]) for t in p.get("targets", [])]
+
+
+def metric_names(expr: str) -> set[str]:
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    names = set()
+    for match in re.finditer(r"[a-zA-Z_:][\w:]*", expr):
+        rest = expr[match.end() :].lstrip()
+        if not rest.startswith("(") and match.group() not in PROMQL_WORDS:
+            names.add(match.group())
+    return names
+
+
+def test_datasource_is_the_default_prometheus_with_a_fixed_uid() -> None:
+    text = DATASOURCE.read_text()
+    assert one(text, "apiVersion") == "1"
+    assert one(text, "type") == "prometheus"
+    assert one(text, "uid") == "tasks-prometheus"
+    assert one(text, "url") == "http://127.0.0.1:9090"
+    assert one(text, "isDefault") == "true"
+
+
+def test_dashboard_is_tasks_and_every_panel_uses_the_provisioned_datasource() -> None:
+    uid = one(DATASOURCE.read_text(), "uid")
+    dash = dashboard()
+    assert dash["title"] == "Tasks" and dash["uid"] == "tasks"
+    panels = list(all_panels(dash["panels"]))
+    assert len(panels) >= 15
+    for panel in panels:
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+        assert panel["datasource"]["type"] == "prometheus", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip(), panel["title"]
+            assert target.get("datasource", {"uid": uid})["uid"] == uid, panel["title"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+
+
+def test_panels_fit_the_grid_without_overlapping() -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in all_panels(dashboard()["panels"]):
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0 and pos["w"] > 0 and pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, (panel["title"], cells[(x, y)])
+                cells[(x, y)] = panel["title"]
+
+
+def test_panels_cover_the_observability_issue() -> None:
+    joined = "\n".join(exprs())
+    for needle in (
+        "max by (state) (tasks_in_state)",
+        "sum by (type) (tasks_value_sum_total)",
+        "sum by (type) (tasks_done_total)",
+        "rate(tasks_produced_total[1m])",
+        "sum(rate(tasks_done_total[1m]))",
+        "tasks_rejected_total",
+        "producer_backlog",
+        "producer_paused",
+        "tasks_processing",
+        "task_processing_seconds_bucket",
+        "task_latency_seconds_bucket",
+        "db_pool_available",
+        "rate(process_cpu_seconds_total[1m])",
+        "process_resident_memory_bytes",
+    ):
+        assert needle in joined, needle
+    assert any("up" in metric_names(e) for e in exprs()), "a panel shows up per job"
+    for metric in ("task_processing_seconds_bucket", "task_latency_seconds_bucket"):
+        quantiles = [e for e in exprs() if metric in e and e.startswith("histogram_quantile(")]
+        assert {e.split(",")[0] for e in quantiles} >= {
+            "histogram_quantile(0.5",
+            "histogram_quantile(0.99",
+        }, metric
+
+
+def test_panels_use_only_exported_metrics() -> None:
+    for expr in exprs():
+        unknown = metric_names(expr) - METRICS
+        assert not unknown, (expr, unknown)
+
+
+def test_metric_name_extraction() -> None:
+    assert metric_names(
+        'histogram_quantile(0.99, sum by (le, method) (rate(a_bucket{job="x"}[1m])))'
+    ) == {"a_bucket"}
+    assert metric_names("db_pool_size - db_pool_available") == {"db_pool_size", "db_pool_available"}
+    assert metric_names("max by (state) (tasks_in_state) or up") == {"tasks_in_state", "up"}
+
+
+def test_file_provider_reads_the_folder_the_dashboards_are_installed_in() -> None:
+    text = PROVIDER.read_text()
+    assert one(text, "apiVersion") == "1"
+    assert one(text, "type") == "file"
+    assert one(text, "path") == DASHBOARDS_DIR
+    # What the VM installs there: the JSON files next to dashboards.yml in the repository.
+    assert DASHBOARD.parent == PROVIDER.parent
+    assert DASHBOARD in PROVIDER.parent.glob("*.json")
