@@ -25,12 +25,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install the project with its dev tools
 
-run: $(STAMP) ## start the bundle (database, migrations, consumer, producer) under supervisord
+# Scale out on one host: make run CONSUMERS=3 PRODUCERS=2 (make stop first to change).
+CONSUMERS ?= 1
+PRODUCERS ?= 1
+
+run: $(STAMP) ## start the bundle under supervisord (CONSUMERS=n PRODUCERS=m to scale out)
 	@mkdir -p var/log var/run profiles
-	@$(BIN)/python -m daemons.bundle write-conf >/dev/null
+	@$(BIN)/python -m daemons.bundle write-conf --consumers $(CONSUMERS) --producers $(PRODUCERS) >/dev/null
 	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 		$(SUPERVISORCTL) update >/dev/null; $(SUPERVISORCTL) start all; \
 	else \
+		EXTRA_CONSUMERS=$$(($(CONSUMERS) - 1)) EXTRA_PRODUCERS=$$(($(PRODUCERS) - 1)) \
+		PRODUCER_CONSUMER_TARGET=$${PRODUCER_CONSUMER_TARGET:-$$($(BIN)/python -m daemons.bundle consumer-target $(CONSUMERS))} \
 		$(BIN)/supervisord -c $(CURDIR)/$(VENV)/etc/supervisord.conf; \
 	fi
 	@$(BIN)/python -m daemons.bundle wait-flowing --tasks 10 --timeout 150

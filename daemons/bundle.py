@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,10 @@ class BundleSettings(_Common):
     pass
 
 
-def supervisor_conf(root: Path, local_db: bool, prometheus: bool) -> str:
+def supervisor_conf(root: Path, local_db: bool, prometheus: bool, scaled: bool = False) -> str:
     files = [str(root / "conf" / "supervisord.conf")]
+    if scaled:
+        files.append(str(root / "conf" / "scale.conf"))
     if local_db:
         files.append(str(root / "conf" / "localdb.conf"))
     if prometheus:
@@ -39,6 +42,23 @@ def supervisor_conf(root: Path, local_db: bool, prometheus: bool) -> str:
         # supervisorctl reads only this file (it does not follow [include]).
         f"[supervisorctl]\nserverurl = unix://{root / 'var' / 'run' / 'supervisor.sock'}\n"
     )
+
+
+def consumer_target(consumers: int, base_port: int = 50051) -> str:
+    """The producer's target for N local consumers (instance N listens on base+N)."""
+    if consumers <= 1:
+        return f"127.0.0.1:{base_port}"
+    return "ipv4:" + ",".join(f"127.0.0.1:{base_port + n}" for n in range(consumers))
+
+
+def write_scrape_targets(directory: Path, consumers: int, producers: int) -> None:
+    """File-based service discovery for conf/prometheus.yml: the instances beyond the
+    first, which the static targets already cover."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for job, count, base in (("consumer", consumers, 9102), ("producer", producers, 9101)):
+        targets = [f"127.0.0.1:{base + 10 * n}" for n in range(1, count)]
+        doc = [{"targets": targets, "labels": {}}] if targets else []
+        (directory / f"extra-{job}s.json").write_text(json.dumps(doc) + "\n")
 
 
 async def _wait_flowing(dsn: str, want: int, timeout_s: float) -> int:
@@ -60,7 +80,11 @@ async def _wait_flowing(dsn: str, want: int, timeout_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemons.bundle")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("write-conf")
+    write = sub.add_parser("write-conf")
+    write.add_argument("--consumers", type=int, default=1)
+    write.add_argument("--producers", type=int, default=1)
+    targets = sub.add_parser("consumer-target", help="gRPC target naming N local consumers")
+    targets.add_argument("consumers", type=int)
     sub.add_parser("db-url")
     sub.add_parser("uses-local-db")
     wait = sub.add_parser("wait-flowing")
@@ -75,9 +99,17 @@ def main(argv: list[str] | None = None) -> int:
             etc.mkdir(exist_ok=True)
             conf = etc / "supervisord.conf"
             conf.write_text(
-                supervisor_conf(ROOT, settings.database_url is None, bool(which("prometheus")))
+                supervisor_conf(
+                    ROOT,
+                    settings.database_url is None,
+                    bool(which("prometheus")),
+                    scaled=args.consumers > 1 or args.producers > 1,
+                )
             )
+            write_scrape_targets(ROOT / "var" / "prometheus", args.consumers, args.producers)
             print(conf)
+        elif args.cmd == "consumer-target":
+            print(consumer_target(args.consumers))
         elif args.cmd == "db-url":
             print(settings.dsn())
         elif args.cmd == "uses-local-db":

@@ -57,6 +57,27 @@ class _Common(BaseSettings):
     drain_timeout: float = Field(
         10.0, gt=0, le=3600, description="seconds a graceful stop may take to drain"
     )
+    instance: int = Field(
+        0,
+        ge=0,
+        le=99,
+        description="N-th of several on one host: ports shift by N (gRPC) and 10*N (HTTP)",
+    )
+
+    @model_validator(mode="after")
+    def _shift_ports(self) -> Any:
+        """Instance N of a scaled-out bundle (supervisor numprocs) gets its own ports;
+        the values shown by --explain are the shifted, effective ones."""
+        if self.instance:
+            for name in ("metrics_port", "profiling_port"):
+                port = getattr(self, name, 0)
+                if port:
+                    object.__setattr__(self, name, port + 10 * self.instance)
+            listen = getattr(self, "listen", None)
+            if listen:
+                host, _, port = listen.rpartition(":")
+                object.__setattr__(self, "listen", f"{host}:{int(port) + self.instance}")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

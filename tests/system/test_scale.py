@@ -1,0 +1,93 @@
+"""Scale out on loopback: 2 producers and 3 consumers on one database."""
+
+import signal
+import urllib.request
+
+from tests.conftest import free_port, sql, states
+from tests.system.harness import Bundle, Proc, wait_until
+
+
+def _done_by_type(metrics_url: str) -> dict[int, tuple[int, int]]:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    out: dict[int, list[int]] = {}
+    for line in text.splitlines():
+        for i, name in enumerate(("tasks_done_total{", "tasks_value_sum_total{")):
+            if line.startswith(name):
+                t = int(line.split('type="')[1].split('"')[0])
+                out.setdefault(t, [0, 0])[i] = int(float(line.rsplit(" ", 1)[1]))
+    return {t: (n, s) for t, (n, s) in out.items() if n}
+
+
+def _consumers(bundle: Bundle, n: int, **env: str) -> tuple[list[Proc], list[str], str]:
+    procs, urls, addrs = [], [], []
+    for _ in range(n):
+        port, metrics = free_port(), free_port()
+        procs.append(
+            bundle.consumer(
+                CONSUMER_LISTEN=f"127.0.0.1:{port}",
+                CONSUMER_METRICS_PORT=str(metrics),
+                CONSUMER_PROFILING_PORT="0",
+                **env,
+            )
+        )
+        urls.append(f"http://127.0.0.1:{metrics}/metrics")
+        addrs.append(f"127.0.0.1:{port}")
+    return procs, urls, "ipv4:" + ",".join(addrs)
+
+
+def _producers(bundle: Bundle, n: int, target: str, **env: str) -> list[Proc]:
+    return [
+        bundle.producer(
+            PRODUCER_CONSUMER_TARGET=target,
+            PRODUCER_METRICS_PORT="0",
+            PRODUCER_PROFILING_PORT="0",
+            **env,
+        )
+        for _ in range(n)
+    ]
+
+
+SWEEP = {
+    "PRODUCER_SWEEP_INTERVAL": "0.5",
+    "PRODUCER_REDELIVER_AFTER": "2",
+    "PRODUCER_LEASE_TIMEOUT": "3",
+}
+
+
+def test_two_producers_three_consumers_share_and_count_once(bundle: Bundle) -> None:
+    consumers, urls, target = _consumers(bundle, 3, CONSUMER_WORK_SCALE="0.5")
+    producers = _producers(bundle, 2, target, PRODUCER_RATE="800", PRODUCER_TOTAL="3000", **SWEEP)
+    for p in producers:
+        assert p.wait(60) == 0
+    assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": 6000}
+    per_consumer = [_done_by_type(u) for u in urls]
+    # Each consumer served a share; together they counted every task exactly once.
+    shares = [sum(n for n, _ in c.values()) for c in per_consumer]
+    assert all(s > 6000 * 0.15 for s in shares), shares
+    rows = sql(bundle.db_url, "SELECT type, count(*), sum(value) FROM tasks GROUP BY 1")
+    db = {int(t): (int(n), int(s)) for t, n, s in rows}  # type: ignore[call-overload]
+    total = {
+        t: (
+            sum(c.get(t, (0, 0))[0] for c in per_consumer),
+            sum(c.get(t, (0, 0))[1] for c in per_consumer),
+        )
+        for t in db
+    }
+    assert total == db
+    for c in consumers:
+        c.terminate()
+        assert c.wait(20) == 0
+
+
+def test_killing_one_consumer_loses_nothing_and_the_others_take_over(bundle: Bundle) -> None:
+    consumers, urls, target = _consumers(bundle, 3, CONSUMER_WORK_SCALE="2")
+    producers = _producers(bundle, 2, target, PRODUCER_RATE="600", PRODUCER_TOTAL="4000", **SWEEP)
+    wait_until(lambda: states(bundle.db_url)["done"] >= 1500, 30, "load running")
+    consumers[0].signal(signal.SIGKILL)
+    consumers[0].wait(10)
+    before = [sum(n for n, _ in _done_by_type(u).values()) for u in urls[1:]]
+    for p in producers:
+        assert p.wait(90) == 0  # exits only once every task is done
+    assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": 8000}
+    after = [sum(n for n, _ in _done_by_type(u).values()) for u in urls[1:]]
+    assert all(a > b + 500 for a, b in zip(after, before, strict=True)), (before, after)

@@ -1,0 +1,52 @@
+"""The supervisor configuration `make run` writes, parsed by supervisor itself."""
+
+import json
+from pathlib import Path
+
+import pytest
+from supervisor.options import ServerOptions
+
+from daemons.bundle import consumer_target, supervisor_conf, write_scrape_targets
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _programs(conf_text: str, tmp_path: Path) -> dict[str, list[str]]:
+    path = tmp_path / "supervisord.conf"
+    path.write_text(conf_text)
+    opts = ServerOptions()
+    opts.configfile = str(path)
+    opts.process_config(do_usage=False)
+    return {g.name: [p.name for p in g.process_configs] for g in opts.process_group_configs}
+
+
+def test_default_bundle_programs(tmp_path: Path) -> None:
+    progs = _programs(supervisor_conf(ROOT, local_db=True, prometheus=True), tmp_path)
+    assert progs == {
+        "postgres": ["postgres"],
+        "prometheus": ["prometheus"],
+        "migrate": ["migrate"],
+        "consumer": ["consumer"],
+        "producer": ["producer"],
+    }
+    assert "postgres" not in _programs(supervisor_conf(ROOT, False, False), tmp_path)
+
+
+def test_scaled_bundle_adds_numbered_instances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EXTRA_CONSUMERS", "2")
+    monkeypatch.setenv("EXTRA_PRODUCERS", "0")
+    progs = _programs(supervisor_conf(ROOT, False, False, scaled=True), tmp_path)
+    assert progs["consumers"] == ["consumer_1", "consumer_2"]
+    assert progs["producers"] == []
+    assert progs["consumer"] == ["consumer"]
+
+
+def test_targets_for_several_consumers(tmp_path: Path) -> None:
+    assert consumer_target(1) == "127.0.0.1:50051"
+    assert consumer_target(3) == "ipv4:127.0.0.1:50051,127.0.0.1:50052,127.0.0.1:50053"
+    write_scrape_targets(tmp_path, consumers=3, producers=1)
+    doc = json.loads((tmp_path / "extra-consumers.json").read_text())
+    assert doc == [{"targets": ["127.0.0.1:9112", "127.0.0.1:9122"], "labels": {}}]
+    assert json.loads((tmp_path / "extra-producers.json").read_text()) == []
