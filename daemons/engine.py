@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from daemons import metrics
+from daemons import logs, metrics
 from daemons.errors import Draining
 from daemons.limiter import SlidingWindowLimiter
 from daemons.logs import fields
@@ -232,23 +232,35 @@ class Engine:
     # --- work ----------------------------------------------------------------------
 
     def _start_work(self, rows: list[TaskRow]) -> None:
+        """The work is a wait of `value` ms: one timer per distinct value in the batch
+        (at most 100), not one per task."""
         loop = asyncio.get_running_loop()
         now = loop.time()
+        by_value: dict[int, list[TaskRow]] = {}
         for row in rows:
-            delay = row.value * self.work_scale / 1000.0
-            handle = loop.call_later(delay, self._work_finished, row, now)
-            self.processing[row.id] = (row, handle)
-        if self.processing:
+            by_value.setdefault(row.value, []).append(row)
+        processing = self.processing
+        for value, group in by_value.items():
+            handle = loop.call_later(
+                value * self.work_scale / 1000.0, self._work_finished, group, now
+            )
+            for row in group:
+                processing[row.id] = (row, handle)
+        if processing:
             self._idle.clear()
-        metrics.tasks_processing.set(len(self.processing))
+        metrics.tasks_processing.set(len(processing))
 
-    def _work_finished(self, row: TaskRow, started: float) -> None:
-        entry = self.processing.get(row.id)
-        if entry is None:
-            return
-        self.processing[row.id] = (row, None)
-        metrics.task_processing_seconds.observe(asyncio.get_running_loop().time() - started)
-        self._finished.append((row, time.time()))
+    def _work_finished(self, group: list[TaskRow], started: float) -> None:
+        processing = self.processing
+        took = asyncio.get_running_loop().time() - started
+        finished_at = time.time()
+        observe = metrics.task_processing_seconds.observe
+        for row in group:
+            if row.id not in processing:
+                continue  # released by a drain meanwhile
+            processing[row.id] = (row, None)
+            observe(took)
+            self._finished.append((row, finished_at))
         self._wake_writer.set()
 
     async def done_writer(self) -> None:
@@ -275,7 +287,7 @@ class Engine:
 
     def _record_done(self, batch: list[tuple[TaskRow, float]], won: set[int]) -> None:
         sums, counts = self.sums, self.counts
-        info = task_log.isEnabledFor(logging.INFO)
+        lines = []
         for row, finished_at in batch:
             self.processing.pop(row.id, None)
             if row.id not in won:
@@ -288,11 +300,8 @@ class Engine:
             metrics.done_by_type[t].inc()
             metrics.value_sum_by_type[t].inc(row.value)
             metrics.task_latency_seconds.observe(max(0.0, finished_at - row.creation_time))
-            if info:
-                task_log.info(
-                    "task_done",
-                    extra=fields(id=row.id, type=t, value=row.value, type_sum=sums[t]),
-                )
+            lines.append({"id": row.id, "type": t, "value": row.value, "type_sum": sums[t]})
+        logs.emit_many(task_log, "task_done", lines)
         self.done_total += len(won)
         metrics.tasks_processing.set(len(self.processing))
         if not self.processing:

@@ -60,8 +60,56 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+_handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
+
+
+def emit_many(logger: logging.Logger, event: str, rows: list[dict[str, Any]]) -> None:
+    """One INFO line per row, written with one call: the per-task final line at tens of
+    thousands a second costs a fraction of what one LogRecord per line would. The lines
+    are exactly what `logger.info(event, extra=fields(**row))` would print."""
+    if not rows or not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _handler
+    if handler is None or logging.getLogger().handlers != [handler]:
+        for row in rows:  # someone else configured logging: play by the book
+            logger.info(event, extra=fields(**row))
+        return
+    formatter = handler.formatter
+    now = time.time()
+    stamp = _ts(logging.makeLogRecord({"created": now, "msecs": (now % 1) * 1000}))
+    if isinstance(formatter, JsonFormatter):
+        head = {
+            "ts": stamp,
+            "level": "INFO",
+            "service": formatter.service,
+            "logger": logger.name,
+            "event": event,
+        }
+        text = "".join(json.dumps({**head, **row}, default=str) + "\n" for row in rows)
+    else:
+        service = formatter.service if isinstance(formatter, ConsoleFormatter) else "-"
+        prefix = f"{stamp} INFO {service} {event} "
+        text = "".join(prefix + " ".join(f"{k}={v}" for k, v in row.items()) + "\n" for row in rows)
+    with handler.lock or _NO_LOCK:
+        handler.stream.write(text)
+        handler.flush()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
 def configure(service: str, level: str, fmt: str) -> None:
+    global _handler
     handler = logging.StreamHandler(sys.stderr)
+    _handler = handler
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else ConsoleFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
