@@ -167,3 +167,9 @@ consumer_goroutine: consumer_stacks
 producer_goroutine: producer_stacks
 
 # --- full stack in a VM ---------------------------------------------------------------
+# `vagrant up` itself needs VirtualBox or libvirt; these checks need neither.
+
+.PHONY: vm_check
+
+vm_check: $(STAMP) ## check the VM without booting it: vagrant validate, shellcheck, rendered configs
+	$(BIN)/python -m pytest tests/unit/test_vagrant.py $(PYTEST_ARGS)

@@ -48,9 +48,9 @@ def commit() -> str:
             return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    try:
-        from daemons._version import commit_id  # written at build time by hatch-vcs
-
-        return str(commit_id) if commit_id else "unknown"
-    except ImportError:
-        return "unknown"
+    # Built from git: the version's local part is "g<commit>" (hatch-vcs node-and-date).
+    local = version().partition("+")[2]
+    for part in local.split("."):
+        if part.startswith("g") and len(part) > 7:
+            return part[1:]
+    return "unknown"

@@ -1,6 +1,7 @@
 """The supervisor configuration `make run` writes, parsed by supervisor itself."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ from supervisor.options import ServerOptions
 from daemons.bundle import consumer_target, supervisor_conf, write_scrape_targets
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A copy of conf/ with the var/ directories `make run` creates first."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "var" / "log").mkdir(parents=True)
+    (tmp_path / "var" / "run").mkdir()
+    return tmp_path
 
 
 def _programs(conf_text: str, tmp_path: Path) -> dict[str, list[str]]:
@@ -20,8 +30,8 @@ def _programs(conf_text: str, tmp_path: Path) -> dict[str, list[str]]:
     return {g.name: [p.name for p in g.process_configs] for g in opts.process_group_configs}
 
 
-def test_default_bundle_programs(tmp_path: Path) -> None:
-    progs = _programs(supervisor_conf(ROOT, local_db=True, prometheus=True), tmp_path)
+def test_default_bundle_programs(root: Path, tmp_path: Path) -> None:
+    progs = _programs(supervisor_conf(root, local_db=True, prometheus=True), tmp_path)
     assert progs == {
         "postgres": ["postgres"],
         "prometheus": ["prometheus"],
@@ -29,15 +39,15 @@ def test_default_bundle_programs(tmp_path: Path) -> None:
         "consumer": ["consumer"],
         "producer": ["producer"],
     }
-    assert "postgres" not in _programs(supervisor_conf(ROOT, False, False), tmp_path)
+    assert "postgres" not in _programs(supervisor_conf(root, False, False), tmp_path)
 
 
 def test_scaled_bundle_adds_numbered_instances(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EXTRA_CONSUMERS", "2")
     monkeypatch.setenv("EXTRA_PRODUCERS", "0")
-    progs = _programs(supervisor_conf(ROOT, False, False, scaled=True), tmp_path)
+    progs = _programs(supervisor_conf(root, False, False, scaled=True), tmp_path)
     assert progs["consumers"] == ["consumer_1", "consumer_2"]
     assert progs["producers"] == []
     assert progs["consumer"] == ["consumer"]
