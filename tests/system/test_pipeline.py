@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -220,3 +221,45 @@ def test_cli_version_explain_and_bad_settings(tmp_path) -> None:  # type: ignore
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "PRODUCER_RATE" in out.stderr and "'abc'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _metric_per_type(url: str) -> dict[int, tuple[int, int]]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[int, list[int]] = {}
+    for line in text.splitlines():
+        for i, name in enumerate(("tasks_done_total{", "tasks_value_sum_total{")):
+            if line.startswith(name):
+                t = int(line.split('type="')[1].split('"')[0])
+                out.setdefault(t, [0, 0])[i] = int(float(line.rsplit(" ", 1)[1]))
+    return {t: (n, s) for t, (n, s) in out.items() if n}
+
+
+def test_counters_equal_the_database_after_a_consumer_restart(bundle: Bundle) -> None:
+    first = bundle.consumer(CONSUMER_WORK_SCALE="0.5")
+    producer = bundle.producer(
+        PRODUCER_RATE="1000",
+        PRODUCER_TOTAL="4000",
+        PRODUCER_SWEEP_INTERVAL="0.5",
+        PRODUCER_REDELIVER_AFTER="2",
+    )
+    wait_until(lambda: states(bundle.db_url)["done"] >= 1000, 20, "first half")
+    first.terminate()
+    assert first.wait(20) == 0
+    bundle.consumer(CONSUMER_WORK_SCALE="0.5")
+    assert producer.wait(60) == 0
+    assert _metric_per_type(bundle.metrics_url("consumer")) == _done_sums(bundle.db_url)
+
+
+def test_no_password_in_errors_or_logs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": "postgresql://app:hunter2@127.0.0.1:9/tasks",
+        "CONSUMER_DB_CONNECT_TIMEOUT": "1",
+        "CONSUMER_METRICS_PORT": "0",
+        "CONSUMER_PROFILING_PORT": "0",
+    }
+    out = subprocess.run(
+        [str(BIN / "consumer")], capture_output=True, text=True, cwd=tmp_path, timeout=60, env=env
+    )
+    assert out.returncode == 3  # database unreachable at start-up
+    assert "database" in out.stderr and "hunter2" not in out.stdout + out.stderr
