@@ -29,6 +29,7 @@ task_log = logging.getLogger("daemons.consumer.tasks")
 # Statuses, mirroring tasks.v1.TaskStatus without importing gRPC here.
 ACCEPTED, RATE_LIMITED, DUPLICATE, INVALID, BUSY = 1, 2, 3, 4, 5
 
+TASK_LINE_FIELDS = ("id", "type", "value", "type_sum")
 MAX_ROWS_PER_STATEMENT = 5000  # keeps one statement well under a second
 BACKOFF_MAX_S = 2.0
 FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished work
@@ -261,13 +262,15 @@ class Engine:
         processing = self.processing
         took = asyncio.get_running_loop().time() - started
         finished_at = time.time()
-        observe = metrics.task_processing_seconds.observe
+        finished = self._finished
+        n = 0
         for row in group:
             if row.id not in processing:
                 continue  # released by a drain meanwhile
             processing[row.id] = (row, None)
-            observe(took)
-            self._finished.append((row, finished_at))
+            finished.append((row, finished_at))
+            n += 1
+        metrics.observe_many(metrics.task_processing_seconds, [took] * n)
         self._wake_writer.set()
 
     async def done_writer(self) -> None:
@@ -294,21 +297,30 @@ class Engine:
 
     def _record_done(self, batch: list[tuple[TaskRow, float]], won: set[int]) -> None:
         sums, counts = self.sums, self.counts
+        batch_counts = [0] * 10
+        batch_sums = [0] * 10
+        latencies = []
         lines = []
+        processing = self.processing
         for row, finished_at in batch:
-            self.processing.pop(row.id, None)
+            processing.pop(row.id, None)
             if row.id not in won:
                 # Someone else's transition won (lease reclaimed and redelivered): the
                 # winner counts it, not us.
                 continue
             t = row.type
             sums[t] += row.value
-            counts[t] += 1
-            metrics.done_by_type[t].inc()
-            metrics.value_sum_by_type[t].inc(row.value)
-            metrics.task_latency_seconds.observe(max(0.0, finished_at - row.creation_time))
-            lines.append({"id": row.id, "type": t, "value": row.value, "type_sum": sums[t]})
-        logs.emit_many(task_log, "task_done", lines)
+            batch_sums[t] += row.value
+            batch_counts[t] += 1
+            latencies.append(max(0.0, finished_at - row.creation_time))
+            lines.append((row.id, t, row.value, sums[t]))
+        for t in range(10):
+            if batch_counts[t]:
+                counts[t] += batch_counts[t]
+                metrics.done_by_type[t].inc(batch_counts[t])
+                metrics.value_sum_by_type[t].inc(batch_sums[t])
+        metrics.observe_many(metrics.task_latency_seconds, latencies)
+        logs.emit_rows(task_log, "task_done", TASK_LINE_FIELDS, lines)
         self.done_total += len(won)
         metrics.tasks_processing.set(len(self.processing))
         if not self.processing:

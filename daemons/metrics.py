@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
@@ -121,6 +122,25 @@ async def refresh_db_gauges(store: _StatsSource, service: str) -> None:
                 child.set(counts.get(st, 0))
         took = time.monotonic() - t0
         await asyncio.sleep(max(STATE_REFRESH_MIN_S, took * STATE_REFRESH_COST_FACTOR))
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """Observe a whole batch: one increment per touched bucket instead of two locked
+    increments per value (which showed at the top of the consumer's profile)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:  # a different client version
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    total.inc(sum(values))
 
 
 def serve(host: str, port: int) -> None:

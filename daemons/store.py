@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, LiteralString
@@ -90,6 +90,13 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
         delay = min(delay * 2, 2.0)
 
 
+def pg_array(items: Iterable[int | float]) -> str:
+    """A numeric array as PostgreSQL's text literal, cast in SQL (`%(ids)s::bigint[]`):
+    joining in C is several times cheaper than adapting a list element by element,
+    which dominated the producer's profile."""
+    return "{" + ",".join(map(str, items)) + "}"
+
+
 @dataclass(slots=True)
 class TaskRow:
     id: int
@@ -115,8 +122,9 @@ class Store:
             # Keep trying through long outages; the default gives up after 5 minutes.
             reconnect_timeout=24 * 3600,
             kwargs={"autocommit": True, "application_name": name},
-            # A broken connection is found and replaced before use, not after a failed query.
-            check=AsyncConnectionPool.check_connection,
+            # No check on checkout: it costs a round trip per statement. A connection that
+            # died meanwhile fails its statement with a transient error, which every
+            # caller retries, and the pool replaces it.
         )
 
     async def open(self, connect_timeout: float = 60.0) -> None:
@@ -149,9 +157,9 @@ class Store:
         rows = await self._rows(
             "insert_batch",
             {
-                "types": list(types),
-                "values": list(values),
-                "creation_times": list(creation_times),
+                "types": pg_array(types),
+                "values": pg_array(values),
+                "creation_times": pg_array(creation_times),
                 "state": state,
                 "now": now,
             },
@@ -160,23 +168,23 @@ class Store:
 
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]:
         """Move `received` tasks to `processing`; returns the rows that won the transition."""
-        rows = await self._rows("mark_processing", {"ids": list(ids), "now": time.time()})
+        rows = await self._rows("mark_processing", {"ids": pg_array(ids), "now": time.time()})
         return [TaskRow(*r) for r in rows]
 
     async def mark_done(self, ids: Sequence[int]) -> list[int]:
         """Move `processing` tasks to `done`; returns the ids that won the transition."""
-        rows = await self._rows("mark_done", {"ids": list(ids), "now": time.time()})
+        rows = await self._rows("mark_done", {"ids": pg_array(ids), "now": time.time()})
         return [r[0] for r in rows]
 
     async def release_processing(self, ids: Sequence[int]) -> list[int]:
-        rows = await self._rows("release_processing", {"ids": list(ids)})
+        rows = await self._rows("release_processing", {"ids": pg_array(ids)})
         return [r[0] for r in rows]
 
     async def ping(self) -> None:
         await self._rows("ping", {})
 
     async def existing_ids(self, ids: Sequence[int]) -> set[int]:
-        rows = await self._rows("existing_ids", {"ids": list(ids)})
+        rows = await self._rows("existing_ids", {"ids": pg_array(ids)})
         return {r[0] for r in rows}
 
     async def count_unfinished(self) -> int:

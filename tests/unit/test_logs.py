@@ -9,20 +9,18 @@ from daemons import logs
 
 
 @pytest.mark.parametrize("fmt", ["console", "json"])
-def test_emit_many_writes_what_one_record_per_line_would(
+def test_emit_rows_writes_what_one_record_per_line_would(
     fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     logs.configure("consumer", "INFO", fmt)
     log = logging.getLogger("daemons.consumer.tasks")
-    rows = [
-        {"id": 1, "type": 3, "value": 7, "type_sum": 7},
-        {"id": 2, "type": 3, "value": 1, "type_sum": 8},
-    ]
+    names = ("id", "type", "value", "type_sum")
+    rows = [(1, 3, 7, 7), (2, 3, 1, 8)]
     for row in rows:
-        log.info("task_done", extra=logs.fields(**row))
-    logs.emit_many(log, "task_done", rows)
+        log.info("task_done", extra=logs.fields(**dict(zip(names, row, strict=True))))
+    logs.emit_rows(log, "task_done", names, rows)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 4
     if fmt == "json":
@@ -38,5 +36,5 @@ def test_emit_many_writes_what_one_record_per_line_would(
     logging.getLogger().setLevel("WARNING")
     stream.seek(0)
     stream.truncate(0)
-    logs.emit_many(log, "task_done", rows)  # below the level: nothing
+    logs.emit_rows(log, "task_done", names, rows)  # below the level: nothing
     assert stream.getvalue() == ""
