@@ -50,6 +50,10 @@ class Lifecycle:
         task.add_done_callback(self._on_task_done)
         return task
 
+    def watch(self, task: asyncio.Task[Any]) -> None:
+        """Stop the daemon if this short-lived task dies with an error."""
+        task.add_done_callback(self._on_task_done)
+
     def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if task.cancelled():

@@ -62,6 +62,9 @@ class ProducerApp:
         self.accepted = 0
         self.redelivered = 0
         self.generation_done = asyncio.Event()
+        self.remaining: int | None = None  # tasks still to make when PRODUCER_TOTAL is set
+        self.inserting = 0  # insert statements in flight
+        self.inserting_tasks = 0  # tasks in them
         self.finished = asyncio.Event()
         self._episodes: dict[str, float] = {}
 
@@ -99,33 +102,54 @@ class ProducerApp:
     # --- generation ----------------------------------------------------------------
 
     async def generate(self) -> None:
+        """Each tick turns the accumulated credit (rate x elapsed) into batches. A batch is
+        inserted and sent by its own task, holding one of PRODUCER_MAX_CONCURRENT_SENDS
+        slots, so inserts and sends overlap and the loop never waits on one of them."""
         s = self.settings
         tick = min(max(1.0 / s.rate, TICK_S), 1.0)
         credit = 0.0
-        last = time.monotonic()
+        last = next_tick = time.monotonic()
         backlog_db, counted_at, since_count = 0, 0.0, 0
         paused = False
-        remaining: int | None = s.total or None
-        while not self.lifecycle.stopping.is_set():
-            try:
-                await asyncio.wait_for(self.lifecycle.stopping.wait(), tick)
-                break
-            except TimeoutError:
-                pass
+        self.remaining = s.total or None
+        stopping = self.lifecycle.stopping
+        while not stopping.is_set():
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stopping.wait(), delay)
+                    break
+                except TimeoutError:
+                    pass
             now = time.monotonic()
+            next_tick = max(next_tick + tick, now)
             credit = min(credit + s.rate * (now - last), max(1.0, s.rate * MAX_BURST_S))
             last = now
-            try:
-                if (
-                    now - counted_at > BACKLOG_REFRESH_S
-                    or backlog_db + since_count + credit >= s.max_backlog
-                ):
-                    backlog_db, counted_at, since_count = (
-                        await self.store.count_unfinished(),
-                        now,
-                        0,
-                    )
-                    metrics.producer_backlog.set(backlog_db)
+            if self.remaining == 0:
+                if not self.inserting:
+                    log.info("producer_total_reached", extra=fields(produced=self.produced))
+                    break
+                continue  # a failed insert may still give tasks back
+            while credit >= 1 and not stopping.is_set():
+                want = min(int(credit), s.batch_max)
+                try:
+                    if (
+                        now - counted_at > BACKLOG_REFRESH_S
+                        or backlog_db + since_count + want > s.max_backlog
+                    ):
+                        # Inserts still in flight may or may not be in the count: assume
+                        # not (an overestimate keeps the cap; an underestimate would not).
+                        in_flight = self.inserting_tasks
+                        backlog_db, counted_at, since_count = (
+                            await self.store.count_unfinished(),
+                            time.monotonic(),
+                            in_flight,
+                        )
+                        metrics.producer_backlog.set(backlog_db)
+                        self._recovered("db_count")
+                except TRANSIENT_ERRORS as exc:
+                    self._trouble("db_count", exc)
+                    break
                 room = s.max_backlog - backlog_db - since_count
                 if room <= 0:
                     if not paused:
@@ -133,36 +157,50 @@ class ProducerApp:
                         metrics.producer_paused.set(1)
                         log.info("producer_paused", extra=fields(backlog=backlog_db + since_count))
                     credit = 0.0
-                    continue
+                    break
                 if paused:
                     paused = False
                     metrics.producer_paused.set(0)
                     log.info("producer_resumed", extra=fields(backlog=backlog_db + since_count))
-                n = batch_size(credit, room, s.batch_max, remaining)
+                n = batch_size(credit, room, s.batch_max, self.remaining)
                 if n == 0:
-                    continue
+                    break
                 await self.slots.acquire()
-                try:
-                    types, values = random_tasks(n)
-                    rows = await self.store.insert_batch(types, values, [time.time()] * n)
-                except BaseException:
-                    self.slots.release()
-                    raise
-                self._recovered("db_insert")
-            except TRANSIENT_ERRORS as exc:
-                self._trouble("db_insert", exc)
-                continue
-            credit -= n
-            since_count += n
-            self.produced += n
-            metrics.tasks_produced.inc(n)
-            if remaining is not None:
-                remaining -= n
-            self._start_send(rows)
-            if remaining == 0:
-                log.info("producer_total_reached", extra=fields(produced=self.produced))
-                break
+                credit -= n
+                since_count += n
+                if self.remaining is not None:
+                    self.remaining -= n
+                self.inserting += 1
+                self.inserting_tasks += n
+                task = asyncio.create_task(self._insert_and_send(n), name="insert-and-send")
+                self.sends.add(task)
+                task.add_done_callback(self.sends.discard)
+                self.lifecycle.watch(task)
         self.generation_done.set()
+
+    async def _insert_and_send(self, n: int) -> None:
+        """Insert a batch of n new tasks, then send it; holds a slot the caller took."""
+        try:
+            types, values = random_tasks(n)
+            rows = await self.store.insert_batch(types, values, [time.time()] * n)
+        except TRANSIENT_ERRORS as exc:
+            self._trouble("db_insert", exc)
+            if self.remaining is not None:
+                self.remaining += n  # nothing was created: make them again
+            self.slots.release()
+            return
+        except BaseException:
+            self.slots.release()
+            raise
+        finally:
+            self.inserting -= 1
+            self.inserting_tasks -= n
+        self._recovered("db_insert")
+        self.produced += n
+        metrics.tasks_produced.inc(n)
+        for row in rows:
+            self.in_send[row.id] = row
+        await self._send(rows)
 
     # --- sending -------------------------------------------------------------------
 
@@ -173,6 +211,7 @@ class ProducerApp:
         task = asyncio.create_task(self._send(rows), name="send-batch")
         self.sends.add(task)
         task.add_done_callback(self.sends.discard)
+        self.lifecycle.watch(task)
 
     async def _send(self, rows: list[TaskRow]) -> None:
         try:

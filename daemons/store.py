@@ -191,10 +191,19 @@ class Store:
         rows = await self._rows("count_unfinished", {})
         return int(rows[0][0])
 
-    async def count_by_state(self) -> dict[str, int]:
-        counts = {"received": 0, "processing": 0, "done": 0}
-        counts.update({state: int(n) for state, n in await self._rows("count_by_state", {})})
+    async def count_unfinished_by_state(self) -> dict[str, int]:
+        """Cheap at any table size: served by the partial index of unfinished tasks."""
+        counts = {"received": 0, "processing": 0}
+        rows = await self._rows("count_unfinished_by_state", {})
+        counts.update({state: int(n) for state, n in rows})
         return counts
+
+    async def count_done(self) -> int:
+        """A full scan: grows with the table."""
+        return int((await self._rows("count_done", {}))[0][0])
+
+    async def count_by_state(self) -> dict[str, int]:
+        return {**await self.count_unfinished_by_state(), "done": await self.count_done()}
 
     async def done_totals_by_type(self) -> dict[int, tuple[int, int]]:
         """{type: (count, value sum)} over done tasks: seeds the running sums at start-up."""

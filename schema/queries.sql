@@ -13,14 +13,19 @@ FROM unnest(%(types)s::smallint[], %(values)s::smallint[], %(creation_times)s::f
 RETURNING id, type, value, creation_time
 
 -- name: mark_processing
-UPDATE tasks SET state = 'processing', last_update_time = %(now)s
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'received'
-RETURNING id, type, value, creation_time
+-- Driven from the id list (primary-key lookups): `id = ANY(...) AND state = ...` lets
+-- the planner prefer the state index once statistics say few rows are unfinished, and
+-- that plan scans every unfinished task for each batch.
+UPDATE tasks AS t SET state = 'processing', last_update_time = %(now)s
+FROM unnest(%(ids)s::bigint[]) AS u(id)
+WHERE t.id = u.id AND t.state = 'received'
+RETURNING t.id, t.type, t.value, t.creation_time
 
 -- name: mark_done
-UPDATE tasks SET state = 'done', last_update_time = %(now)s
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'processing'
-RETURNING id
+UPDATE tasks AS t SET state = 'done', last_update_time = %(now)s
+FROM unnest(%(ids)s::bigint[]) AS u(id)
+WHERE t.id = u.id AND t.state = 'processing'
+RETURNING t.id
 
 -- name: release_processing
 -- Work a draining consumer could not finish goes back to `received`, stamped with its
@@ -38,8 +43,12 @@ SELECT id FROM tasks WHERE id = ANY(%(ids)s::bigint[])
 -- name: count_unfinished
 SELECT count(*) FROM tasks WHERE state <> 'done'
 
--- name: count_by_state
-SELECT state::text, count(*) FROM tasks GROUP BY state
+-- name: count_unfinished_by_state
+SELECT state::text, count(*) FROM tasks WHERE state <> 'done' GROUP BY state
+
+-- name: count_done
+-- A scan of the whole table: callers run it rarely (see metrics.refresh_db_gauges).
+SELECT count(*) FROM tasks WHERE state = 'done'
 
 -- name: done_totals_by_type
 SELECT type, count(*), coalesce(sum(value), 0) FROM tasks WHERE state = 'done' GROUP BY type

@@ -1,0 +1,107 @@
+"""Load generator for the benchmark's single-task RPC figure (run by `loadtest.bench`).
+
+    python -m loadtest.bench_rpc --target 127.0.0.1:50051 --concurrency 32 \\
+        --warmup 2 --seconds 10 --latencies /tmp/lat.bin
+
+N concurrent callers on one grpc.aio channel each send unary `Submit` calls back to
+back, with tasks of id 0 (the consumer registers them itself). Calls that *start* in
+the measurement window count; their latencies (seconds, float64) go to `--latencies`
+so that several generator processes can be merged exactly. Prints one JSON line.
+
+Imports stay inside functions: Locust imports every file of this directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    import random
+    from array import array
+
+    import grpc
+
+    from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+
+    channel = grpc.aio.insecure_channel(args.target)
+    await asyncio.wait_for(channel.channel_ready(), 30)
+    stub = tasks_pb2_grpc.ConsumerStub(channel)
+    lat = array("d")
+    codes: dict[str, int] = {}
+    start = time.perf_counter()
+    t0 = start + args.warmup
+    t1 = t0 + args.seconds
+
+    async def caller(seed: int) -> None:
+        rnd = random.Random(seed)
+        while True:
+            now = time.perf_counter()
+            if now >= t1:
+                return
+            request = tasks_pb2.SubmitRequest(
+                task=tasks_pb2.Task(id=0, type=rnd.randrange(10), value=rnd.randrange(100))
+            )
+            try:
+                await stub.Submit(request, timeout=args.timeout)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            done = time.perf_counter()
+            if now >= t0:
+                lat.append(done - now)
+                codes[code] = codes.get(code, 0) + 1
+
+    try:
+        await asyncio.gather(*(caller(i) for i in range(args.concurrency)))
+    finally:
+        await channel.close()
+    ok = codes.get("OK", 0)
+    ordered = sorted(lat)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000 if ordered else 0.0
+
+    wall = time.time() - time.perf_counter()
+    return {
+        "t0_wall": t0 + wall,
+        "t1_wall": t1 + wall,
+        "calls": len(lat),
+        "ok": ok,
+        "codes": codes,
+        "seconds": args.seconds,
+        "calls_per_s": len(lat) / args.seconds,
+        "ok_per_s": ok / args.seconds,
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "cpu_s": time.process_time(),
+        "latencies": lat,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_rpc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", required=True, help="consumer host:port")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent callers")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds not counted")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds")
+    parser.add_argument("--timeout", type=float, default=5.0, help="deadline of one call")
+    parser.add_argument("--latencies", help="write measured latencies here (float64 s)")
+    args = parser.parse_args(argv)
+    report = asyncio.run(_run(args))
+    lat = report.pop("latencies")
+    if args.latencies:
+        with open(args.latencies, "wb") as f:
+            lat.tofile(f)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The benchmark command in miniature: its own PostgreSQL, the real daemons, the
+ceiling and the single-task RPC figure, for a couple of seconds each. Figures are not
+asserted (benchmarks print figures, they are not timed tests); the report's shape is."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> None:
+    out = tmp_path / "profiles"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.bench",
+            "--seconds",
+            "2",
+            "--warmup",
+            "1",
+            "--workloads",
+            "zero",
+            "--ceiling-seconds",
+            "0.5",
+            "--rpc-seconds",
+            "1",
+            "--rpc-warmup",
+            "0.5",
+            "--rpc-concurrency",
+            "8",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert not any(line.startswith("{") for line in lines[:-1]), "exactly one JSON line"
+    assert "tasks/s end to end" in run.stdout  # the human table came first
+
+    zero = report["workloads"]["zero"]
+    assert zero["tasks_per_s"] > 0 and zero["done_in_window"] > 0
+    for p in ("p50", "p95", "p99"):
+        assert zero["latency_ms"][p] > 0
+    assert zero["latency_ms"]["p50"] <= zero["latency_ms"]["p99"]
+    for daemon in ("producer", "consumer", "postgres"):
+        assert zero["cpu_s_per_1k"][daemon] > 0, daemon
+    for daemon in ("producer", "consumer"):
+        assert zero["peak_rss_mb"][daemon] > 0, daemon
+    assert zero["exit_codes"] == {"producer": 0, "consumer": 0}
+    assert zero["ceiling"]["tasks_per_s"] > 0
+    assert zero["ratio_to_ceiling"] > 0
+    assert zero["settings"]["CONSUMER_WORK_SCALE"] == "0"
+
+    rpc = report["rpc"]
+    assert rpc["ok_per_s"] > 0 and rpc["latency_ms"]["p99"] > 0
+    assert rpc["codes"].get("OK", 0) > 0
+    assert rpc["consumer_exit_code"] == 0
+
+    charts = [Path(p) for p in report["charts"]]
+    assert (out / "bench-latest.html") in charts
+    assert all(p.is_file() and "<svg" in p.read_text() for p in charts)
