@@ -115,9 +115,9 @@ clean: ## remove the venv and var/ (the local database too); the bundle must be 
 BENCH_ARGS ?=
 .PHONY: bench
 
-bench: $(STAMP) ## benchmark a private bundle flat out: tasks/s, latency, CPU/1k, ceiling (BENCH_ARGS=)
+bench: $(STAMP) ## benchmark a private bundle: tasks/s, latency, CPU/1k, ceiling (CONSUMERS= BENCH_ARGS=)
 	@mkdir -p profiles
-	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+	$(BIN)/python -m loadtest.bench --consumers $(CONSUMERS) --producers $(PRODUCERS) $(BENCH_ARGS)
 
 # --- observability: Prometheus and Grafana ---------------------------------------------
 .PHONY: prometheus

@@ -133,6 +133,16 @@ def _quiet_run(argv: list[str], user: str | None, quiet: bool, stdin: bytes = b"
         )
 
 
+# Modest settings for a laptop-sized development database. (A larger max_wal_size and
+# shared_buffers were measured: no change in sustained throughput.)
+SERVER_OPTIONS = (
+    "max_connections=200",
+    "shared_buffers=128MB",
+    "log_min_messages=warning",
+    "log_connections=off",
+)
+
+
 def server_argv(pgdata: Path, port: int) -> list[str]:
     socket_dir = pgdata / "run"
     return [
@@ -145,14 +155,7 @@ def server_argv(pgdata: Path, port: int) -> list[str]:
         str(port),
         "-k",
         str(socket_dir),
-        "-c",
-        "max_connections=200",
-        "-c",
-        "shared_buffers=128MB",
-        "-c",
-        "log_min_messages=warning",
-        "-c",
-        "log_connections=off",
+        *(arg for option in SERVER_OPTIONS for arg in ("-c", option)),
     ]
 
 

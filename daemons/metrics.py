@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from bisect import bisect_left
 from typing import Protocol
 
@@ -91,27 +90,19 @@ grpc_client_seconds = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
-UNFINISHED_REFRESH_S = 2.0
-DONE_REFRESH_MIN_S = 10.0
-# Counting done tasks scans the table: keep it under ~2 % of one core however big it grows.
-DONE_REFRESH_COST_FACTOR = 50
+STATE_REFRESH_S = 2.0
 
 
 class _StatsSource(Protocol):
     def stats(self) -> dict[str, int]: ...
 
-    async def count_unfinished_by_state(self) -> dict[str, int]: ...
-
-    async def count_done(self) -> int: ...
+    async def count_by_state(self) -> dict[str, int]: ...
 
 
 async def refresh_db_gauges(store: _StatsSource, service: str) -> None:
-    """Background task: pool gauges and tasks per state from the database, on a short
-    cache, so the numbers are right after restarts without a query per scrape or task.
-    Unfinished states come from the partial index (cheap, every 2 s); the done count
-    scans the table, so it is refreshed less often the longer it takes."""
+    """Background task: pool gauges and tasks per state from the database (one row kept
+    exact by triggers), every 2 s: right after restarts, no query per scrape or task."""
     children = {st: tasks_in_state.labels(st, service) for st in ("received", "processing", "done")}
-    next_done = 0.0
     while True:
         stats = store.stats()
         db_pool_size.set(stats.get("pool_size", 0))
@@ -119,16 +110,11 @@ async def refresh_db_gauges(store: _StatsSource, service: str) -> None:
         db_pool_max.set(stats.get("pool_max", 0))
         db_pool_requests_waiting.set(stats.get("requests_waiting", 0))
         try:
-            for st, n in (await store.count_unfinished_by_state()).items():
+            for st, n in (await store.count_by_state()).items():
                 children[st].set(n)
-            if time.monotonic() >= next_done:
-                t0 = time.monotonic()
-                children["done"].set(await store.count_done())
-                took = time.monotonic() - t0
-                next_done = t0 + max(DONE_REFRESH_MIN_S, took * DONE_REFRESH_COST_FACTOR)
         except Exception as exc:  # an outage must not kill the metrics loop
             log.debug("state_count_failed", extra=fields(error=str(exc)))
-        await asyncio.sleep(UNFINISHED_REFRESH_S)
+        await asyncio.sleep(STATE_REFRESH_S)
 
 
 def observe_many(histogram: Histogram, values: list[float]) -> None:

@@ -191,19 +191,11 @@ class Store:
         rows = await self._rows("count_unfinished", {})
         return int(rows[0][0])
 
-    async def count_unfinished_by_state(self) -> dict[str, int]:
-        """Cheap at any table size: served by the partial index of unfinished tasks."""
-        counts = {"received": 0, "processing": 0}
-        rows = await self._rows("count_unfinished_by_state", {})
-        counts.update({state: int(n) for state, n in rows})
-        return counts
-
-    async def count_done(self) -> int:
-        """A full scan: grows with the table."""
-        return int((await self._rows("count_done", {}))[0][0])
-
     async def count_by_state(self) -> dict[str, int]:
-        return {**await self.count_unfinished_by_state(), "done": await self.count_done()}
+        """Tasks per state from the trigger-maintained counts: one row, no scan."""
+        rows = await self._rows("count_by_state", {})
+        received, processing, done = rows[0]
+        return {"received": int(received), "processing": int(processing), "done": int(done)}
 
     async def done_totals_by_type(self) -> dict[int, tuple[int, int]]:
         """{type: (count, value sum)} over done tasks: seeds the running sums at start-up."""

@@ -41,14 +41,11 @@ SELECT 1
 SELECT id FROM tasks WHERE id = ANY(%(ids)s::bigint[])
 
 -- name: count_unfinished
-SELECT count(*) FROM tasks WHERE state <> 'done'
+-- task_counts is kept exact by triggers (migration 0001): no scan at any table size.
+SELECT received + processing FROM task_counts WHERE id = 1
 
--- name: count_unfinished_by_state
-SELECT state::text, count(*) FROM tasks WHERE state <> 'done' GROUP BY state
-
--- name: count_done
--- A scan of the whole table: callers run it rarely (see metrics.refresh_db_gauges).
-SELECT count(*) FROM tasks WHERE state = 'done'
+-- name: count_by_state
+SELECT received, processing, done FROM task_counts WHERE id = 1
 
 -- name: done_totals_by_type
 SELECT type, count(*), coalesce(sum(value), 0) FROM tasks WHERE state = 'done' GROUP BY type

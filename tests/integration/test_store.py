@@ -69,3 +69,23 @@ async def test_queries_survive_comment_column_coming_and_going(db_url: str) -> N
         assert await store.mark_done([rows[0].id]) == [rows[0].id]
     finally:
         await store.close()
+
+
+async def test_task_counts_stay_exact_for_any_writer(db_url: str) -> None:
+    store = await _store(db_url)
+    try:
+        rows = await store.insert_batch([1] * 10, [1] * 10, [time.time()] * 10)
+        await store.insert_batch([2] * 3, [2] * 3, [time.time()] * 3, state="processing")
+        ids = [r.id for r in rows]
+        await store.mark_processing(ids[:6])
+        await store.mark_done(ids[:4])
+        await store.release_processing(ids[4:5])
+        # Writers other than the daemons: psql, a migration, an operator's fix.
+        sql(db_url, "UPDATE tasks SET state = 'done' WHERE id = %s", (ids[9],))
+        sql(db_url, "DELETE FROM tasks WHERE id = %s", (ids[8],))
+        assert await store.count_by_state() == states(db_url)
+        assert await store.count_unfinished() == sum(
+            n for s, n in states(db_url).items() if s != "done"
+        )
+    finally:
+        await store.close()

@@ -16,11 +16,12 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import BIN, ROOT, free_port
+from tests.conftest import BIN, ROOT, free_port, sql
 
 
 def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
@@ -33,6 +34,33 @@ def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, every_s: fl
             return last
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for: {what} (last: {last!r})")
+
+
+def done_by_type(metrics_url: str) -> dict[int, tuple[int, int]]:
+    """{type: (tasks_done_total, tasks_value_sum_total)} scraped from a consumer."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    out: dict[int, list[int]] = {}
+    for line in text.splitlines():
+        for i, name in enumerate(("tasks_done_total{", "tasks_value_sum_total{")):
+            if line.startswith(name):
+                t = int(line.split('type="')[1].split('"')[0])
+                out.setdefault(t, [0, 0])[i] = int(float(line.rsplit(" ", 1)[1]))
+    return {t: (n, s) for t, (n, s) in out.items() if n}
+
+
+def db_done_by_type(db_url: str) -> dict[int, tuple[int, int]]:
+    """{type: (count, value sum)} of done tasks in the database."""
+    rows = sql(db_url, "SELECT type, count(*), sum(value) FROM tasks WHERE state='done' GROUP BY 1")
+    return {int(t): (int(n), int(s)) for t, n, s in rows}  # type: ignore[call-overload]
+
+
+def all_done_up_to(db_url: str, max_id: int) -> bool:
+    query = "SELECT 1 FROM tasks WHERE id <= %s AND state <> 'done' LIMIT 1"
+    return not sql(db_url, query, (max_id,))
+
+
+def max_id(db_url: str) -> int:
+    return int(sql(db_url, "SELECT coalesce(max(id), 0) FROM tasks")[0][0])  # type: ignore[arg-type]
 
 
 class Proc:

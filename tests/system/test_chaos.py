@@ -12,7 +12,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from daemons import localdb
 from tests.conftest import BIN, free_port, sql, states
-from tests.system.harness import Bundle, Supervisor, wait_until
+from tests.system.harness import Bundle, Supervisor, db_done_by_type, done_by_type, wait_until
 
 TOTAL = 4000
 RATE = "600"  # tasks/s: each scenario runs ~5 s of steady flow plus recovery
@@ -95,26 +94,6 @@ def cluster() -> Iterator[Cluster]:
     c.close()
 
 
-def _metric_sums(url: str) -> tuple[dict[int, int], dict[int, int]]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    done: dict[int, int] = {}
-    value: dict[int, int] = {}
-    for line in text.splitlines():
-        for name, target in (("tasks_done_total{", done), ("tasks_value_sum_total{", value)):
-            if line.startswith(name):
-                t = int(line.split('type="')[1].split('"')[0])
-                target[t] = int(float(line.rsplit(" ", 1)[1]))
-    return done, value
-
-
-def _db_per_type(url: str) -> tuple[dict[int, int], dict[int, int]]:
-    rows = sql(url, "SELECT type, count(*), sum(value) FROM tasks WHERE state='done' GROUP BY 1")
-    return (
-        {int(t): int(n) for t, n, _ in rows},  # type: ignore[call-overload]
-        {int(t): int(s) for t, _, s in rows},  # type: ignore[call-overload]
-    )
-
-
 def _log_check(log: str) -> tuple[int, dict[int, int]]:
     """(task_done lines for ids seen before, last running sum per type) from a log that
     may span several consumer processes."""
@@ -165,12 +144,16 @@ def run_scenario(
         produced = int(sql(db_url, "SELECT count(*) FROM tasks")[0][0])  # type: ignore[arg-type]
         final = states(db_url)
         lost = produced - final["done"]
-        db_counts, db_sums = _db_per_type(db_url)
+        db = db_done_by_type(db_url)
+        db_counts = {t: n for t, (n, _) in db.items()}
+        db_sums = {t: s for t, (_, s) in db.items()}
         dupes, last_sums = _log_check(sup.log("consumer"))
         # The consumer's counters start from the database's totals at each start-up, so
         # they must equal the database even across its restarts; the per-task lines
         # must not name a task twice, and the last running sum per type must match.
-        m_counts, m_sums = _metric_sums(bundle.metrics_url("consumer"))
+        metric = done_by_type(bundle.metrics_url("consumer"))
+        m_counts = {t: n for t, (n, _) in metric.items()}
+        m_sums = {t: s for t, (_, s) in metric.items()}
         double = max(0, sum(m_counts.values()) - sum(db_counts.values())) + dupes
         assert m_counts == db_counts and m_sums == db_sums
         assert last_sums == db_sums

@@ -3,19 +3,13 @@
 import signal
 import subprocess
 import time
-import urllib.request
 
 import grpc
 import pytest
 
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from tests.conftest import BIN, sql, states
-from tests.system.harness import Bundle, wait_until
-
-
-def _done_sums(db_url: str) -> dict[int, tuple[int, int]]:
-    rows = sql(db_url, "SELECT type, count(*), sum(value) FROM tasks WHERE state='done' GROUP BY 1")
-    return {int(t): (int(n), int(s)) for t, n, s in rows}  # type: ignore[call-overload]
+from tests.system.harness import Bundle, db_done_by_type, done_by_type, wait_until
 
 
 def test_tasks_flow_to_done_and_logs_carry_running_sums(bundle: Bundle) -> None:
@@ -36,7 +30,7 @@ def test_tasks_flow_to_done_and_logs_carry_running_sums(bundle: Bundle) -> None:
     last: dict[int, int] = {}
     for line in done_lines:
         last[int(line["type"])] = int(line["type_sum"])
-    assert last == {t: s for t, (_, s) in _done_sums(bundle.db_url).items()}
+    assert last == {t: s for t, (_, s) in db_done_by_type(bundle.db_url).items()}
     stopped = consumer.events("consumer_stopped")[-1]
     assert int(stopped["done"]) == st["done"]
     assert producer.events("producer_stopped")[-1]["reason"] == "signal"
@@ -223,17 +217,6 @@ def test_cli_version_explain_and_bad_settings(tmp_path) -> None:  # type: ignore
     assert "Traceback" not in out.stderr
 
 
-def _metric_per_type(url: str) -> dict[int, tuple[int, int]]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    out: dict[int, list[int]] = {}
-    for line in text.splitlines():
-        for i, name in enumerate(("tasks_done_total{", "tasks_value_sum_total{")):
-            if line.startswith(name):
-                t = int(line.split('type="')[1].split('"')[0])
-                out.setdefault(t, [0, 0])[i] = int(float(line.rsplit(" ", 1)[1]))
-    return {t: (n, s) for t, (n, s) in out.items() if n}
-
-
 def test_counters_equal_the_database_after_a_consumer_restart(bundle: Bundle) -> None:
     first = bundle.consumer(CONSUMER_WORK_SCALE="0.5")
     producer = bundle.producer(
@@ -247,7 +230,7 @@ def test_counters_equal_the_database_after_a_consumer_restart(bundle: Bundle) ->
     assert first.wait(20) == 0
     bundle.consumer(CONSUMER_WORK_SCALE="0.5")
     assert producer.wait(60) == 0
-    assert _metric_per_type(bundle.metrics_url("consumer")) == _done_sums(bundle.db_url)
+    assert done_by_type(bundle.metrics_url("consumer")) == db_done_by_type(bundle.db_url)
 
 
 def test_no_password_in_errors_or_logs(tmp_path) -> None:  # type: ignore[no-untyped-def]

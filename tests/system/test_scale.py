@@ -1,21 +1,9 @@
 """Scale out on loopback: 2 producers and 3 consumers on one database."""
 
 import signal
-import urllib.request
 
-from tests.conftest import free_port, sql, states
-from tests.system.harness import Bundle, Proc, wait_until
-
-
-def _done_by_type(metrics_url: str) -> dict[int, tuple[int, int]]:
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    out: dict[int, list[int]] = {}
-    for line in text.splitlines():
-        for i, name in enumerate(("tasks_done_total{", "tasks_value_sum_total{")):
-            if line.startswith(name):
-                t = int(line.split('type="')[1].split('"')[0])
-                out.setdefault(t, [0, 0])[i] = int(float(line.rsplit(" ", 1)[1]))
-    return {t: (n, s) for t, (n, s) in out.items() if n}
+from tests.conftest import free_port, states
+from tests.system.harness import Bundle, Proc, db_done_by_type, done_by_type, wait_until
 
 
 def _consumers(bundle: Bundle, n: int, **env: str) -> tuple[list[Proc], list[str], str]:
@@ -60,12 +48,11 @@ def test_two_producers_three_consumers_share_and_count_once(bundle: Bundle) -> N
     for p in producers:
         assert p.wait(60) == 0
     assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": 6000}
-    per_consumer = [_done_by_type(u) for u in urls]
+    per_consumer = [done_by_type(u) for u in urls]
     # Each consumer served a share; together they counted every task exactly once.
     shares = [sum(n for n, _ in c.values()) for c in per_consumer]
     assert all(s > 6000 * 0.15 for s in shares), shares
-    rows = sql(bundle.db_url, "SELECT type, count(*), sum(value) FROM tasks GROUP BY 1")
-    db = {int(t): (int(n), int(s)) for t, n, s in rows}  # type: ignore[call-overload]
+    db = db_done_by_type(bundle.db_url)
     total = {
         t: (
             sum(c.get(t, (0, 0))[0] for c in per_consumer),
@@ -85,9 +72,9 @@ def test_killing_one_consumer_loses_nothing_and_the_others_take_over(bundle: Bun
     wait_until(lambda: states(bundle.db_url)["done"] >= 1500, 30, "load running")
     consumers[0].signal(signal.SIGKILL)
     consumers[0].wait(10)
-    before = [sum(n for n, _ in _done_by_type(u).values()) for u in urls[1:]]
+    before = [sum(n for n, _ in done_by_type(u).values()) for u in urls[1:]]
     for p in producers:
         assert p.wait(90) == 0  # exits only once every task is done
     assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": 8000}
-    after = [sum(n for n, _ in _done_by_type(u).values()) for u in urls[1:]]
+    after = [sum(n for n, _ in done_by_type(u).values()) for u in urls[1:]]
     assert all(a > b + 500 for a, b in zip(after, before, strict=True)), (before, after)

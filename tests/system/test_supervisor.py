@@ -9,8 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import sql, states
-from tests.system.harness import Bundle, Supervisor, wait_until
+from tests.conftest import states
+from tests.system.harness import (
+    Bundle,
+    Supervisor,
+    all_done_up_to,
+    db_done_by_type,
+    max_id,
+    wait_until,
+)
 
 FAST_SWEEP = {
     "PRODUCER_SWEEP_INTERVAL": "0.5",
@@ -35,11 +42,6 @@ def sup_factory(bundle: Bundle) -> Iterator[object]:
 
 def _exit_lines(sup: Supervisor, program: str) -> list[str]:
     return [line for line in sup.log("supervisord").splitlines() if f": {program} (" in line]
-
-
-def _done_sums(db_url: str) -> dict[int, int]:
-    rows = sql(db_url, "SELECT type, sum(value) FROM tasks WHERE state='done' GROUP BY 1")
-    return {int(t): int(s) for t, s in rows}  # type: ignore[call-overload]
 
 
 def _last_sums(log: str) -> tuple[dict[int, int], list[str]]:
@@ -86,16 +88,10 @@ def test_stop_producer_mid_batch_then_start_loses_nothing(bundle: Bundle, sup_fa
     wait_until(lambda: states(bundle.db_url)["done"] >= 1000, 30, "tasks flowing")
     assert "producer: stopped" in sup.ctl("stop", "producer")
     assert any("exit status 0" in line for line in _exit_lines(sup, "producer"))
-    max_id = int(sql(bundle.db_url, "SELECT max(id) FROM tasks")[0][0])  # type: ignore[arg-type]
+    last_id = max_id(bundle.db_url)
     sup.ctl("start", "producer", check=True)
     wait_until(
-        lambda: (
-            not sql(
-                bundle.db_url,
-                "SELECT 1 FROM tasks WHERE id <= %s AND state <> 'done' LIMIT 1",
-                (max_id,),
-            )
-        ),
+        lambda: all_done_up_to(bundle.db_url, last_id),
         30,
         "every task inserted before the stop is done",
     )
@@ -125,7 +121,7 @@ def test_sigkill_consumer_is_restarted_and_nothing_is_lost_or_counted_twice(
     assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": 6000}
     last, ids = _last_sums(sup.log("consumer"))
     assert len(ids) == len(set(ids)), "a task was logged done twice"
-    assert last == _done_sums(bundle.db_url)
+    assert last == {t: s for t, (_, s) in db_done_by_type(bundle.db_url).items()}
 
 
 def test_stop_all_then_start_all_resumes(bundle: Bundle, sup_factory) -> None:  # type: ignore[no-untyped-def]
@@ -147,15 +143,9 @@ def test_stop_all_then_start_all_resumes(bundle: Bundle, sup_factory) -> None:  
     sup.wait_running("consumer", "producer")
     wait_until(lambda: states(bundle.db_url)["done"] >= before + 500, 30, "pipeline resumed")
     # Everything left `received` by the stop (abandoned sends) is picked up again.
-    max_id = int(sql(bundle.db_url, "SELECT max(id) FROM tasks")[0][0]) - 2000  # type: ignore[arg-type]
+    last_id = max_id(bundle.db_url) - 2000
     wait_until(
-        lambda: (
-            not sql(
-                bundle.db_url,
-                "SELECT 1 FROM tasks WHERE id <= %s AND state <> 'done' LIMIT 1",
-                (max_id,),
-            )
-        ),
+        lambda: all_done_up_to(bundle.db_url, last_id),
         30,
         "old tasks done",
     )
