@@ -70,7 +70,10 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
         try:
             conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=5, autocommit=True)
             try:
-                cur = await conn.execute("SELECT to_regclass('tasks') IS NOT NULL")
+                cur = await conn.execute(
+                    "SELECT to_regclass('tasks') IS NOT NULL"
+                    " AND to_regclass('task_counts') IS NOT NULL"
+                )
                 row = await cur.fetchone()
             finally:
                 await conn.close()
@@ -78,7 +81,10 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
                 if logged:
                     log.info("database_ready")
                 return
-            reason = "table `tasks` missing: run `migrator up` (make migrate)"
+            reason = (
+                "tables `tasks`/`task_counts` missing: run `migrator up` (make migrate); "
+                "a database made by an early 0001 without task_counts must be recreated"
+            )
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         if time.monotonic() + delay > deadline:
