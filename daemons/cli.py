@@ -69,12 +69,23 @@ def _run_daemon(
     gc.set_threshold(GC_THRESHOLD_GEN0, 50, 100)
     try:
         app = app_factory(settings)
-        return int(asyncio.run(app.run()))
+        return int(_run(app.run(), settings.event_loop))
     except DaemonError as exc:
         log.error("fatal", extra=logs.fields(error=str(exc)))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _run(main: Any, loop: str) -> Any:
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop_missing", extra=logs.fields(using="asyncio"))
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def producer_main(argv: list[str] | None = None) -> int:

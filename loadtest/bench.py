@@ -650,9 +650,37 @@ def run_workload(
                 spy.wait(30)
             except subprocess.TimeoutExpired:
                 stop(spy, signal.SIGINT, 10)
+        # Correctness, every run: stop the producers, let the consumers go idle, then
+        # the consumers' done counters must equal the database (nothing counted twice)
+        # and, once they have drained, nothing may be left `processing` (nothing lost;
+        # `received` tasks the producers abandoned are redelivered by the next run).
         exit_codes = {
             name: stop(d.popen, signal.SIGTERM, STOP_TIMEOUT_S)
-            for name, d in sorted(daemons.items(), key=lambda kv: not kv[0].startswith("prod"))
+            for name, d in daemons.items()
+            if name.startswith("prod")
+        }
+        idle_by = time.monotonic() + STOP_TIMEOUT_S
+        while (
+            time.monotonic() < idle_by
+            and conn.execute("SELECT processing FROM task_counts").fetchone()[0]
+        ):
+            time.sleep(0.2)
+        counted = sum(scrape_done(p) or 0 for p in ports)
+        db_done = conn.execute("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
+        exit_codes.update(
+            {
+                name: stop(d.popen, signal.SIGTERM, STOP_TIMEOUT_S)
+                for name, d in daemons.items()
+                if name.startswith("cons")
+            }
+        )
+        left_processing = conn.execute(
+            "SELECT count(*) FROM tasks WHERE state = 'processing'"
+        ).fetchone()[0]
+        check = {
+            "double_counted": counted - db_done,
+            "lost_processing": left_processing,
+            "exit_codes_ok": all(code == 0 for code in exit_codes.values()),
         }
         done, (p50, p95, p99) = percentiles(conn, t0, t1)
         per_second = series(conn, started, t1)
@@ -683,6 +711,7 @@ def run_workload(
             / max(done, 1),
         },
         "exit_codes": exit_codes,
+        "check": check,
         "final_states": {str(s): int(n) for s, n in states.items()},
         "settings": knobs,
         "series": [
@@ -891,6 +920,10 @@ def fmt_table(result: dict[str, Any]) -> str:
         )
         row("ours / ceiling", lambda w: f"{w['ratio_to_ceiling'] * 100:.1f} %")
     row("exit codes producer/consumer", lambda w: "{producer}/{consumer}".format(**w["exit_codes"]))
+    row(
+        "lost / double-counted",
+        lambda w: "{lost_processing}/{double_counted}".format(**w["check"]),
+    )
     lines: list[str] = []
     if names:
         width = max(len(r[0]) for r in rows)
@@ -1198,6 +1231,17 @@ def main(argv: list[str] | None = None) -> int:
     if charts:
         print(f"\ncharts: {', '.join(str(p) for p in charts)}")
     print(json.dumps(result, separators=(",", ":")), flush=True)
+    bad = {
+        name: w["check"]
+        for name, w in result["workloads"].items()
+        if w["check"]["double_counted"]
+        or w["check"]["lost_processing"]
+        or not w["check"]["exit_codes_ok"]
+    }
+    if bad:
+        print(f"bench: correctness check failed: {bad}", file=sys.stderr)
+        return 1
+    print("correctness: 0 lost, 0 double-counted, every daemon exited 0", file=sys.stderr)
     return 0
 
 

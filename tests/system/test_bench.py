@@ -57,6 +57,7 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
     for daemon in ("producer", "consumer"):
         assert zero["peak_rss_mb"][daemon] > 0, daemon
     assert zero["exit_codes"] == {"producer": 0, "consumer": 0}
+    assert zero["check"] == {"double_counted": 0, "lost_processing": 0, "exit_codes_ok": True}
     assert zero["ceiling"]["tasks_per_s"] > 0
     assert zero["ratio_to_ceiling"] > 0
     assert zero["settings"]["CONSUMER_WORK_SCALE"] == "0"
