@@ -119,6 +119,15 @@ bench: $(STAMP) ## benchmark a private bundle: tasks/s, latency, CPU/1k, ceiling
 	@mkdir -p profiles
 	$(BIN)/python -m loadtest.bench --consumers $(CONSUMERS) --producers $(PRODUCERS) $(BENCH_ARGS)
 
+# Not in CI: ten minutes at about half the maximum rate; memory growth and latency.
+SOAK_RATE ?= 35000
+SOAK_SECONDS ?= 600
+.PHONY: soak
+soak: $(STAMP) ## 10-minute soak at ~half the max rate: RSS growth and p99 (SOAK_RATE, SOAK_SECONDS)
+	@mkdir -p profiles
+	$(BIN)/python -m loadtest.bench --workloads default --seconds $(SOAK_SECONDS) --warmup 30 \
+		--rpc-seconds 0 --ceiling-seconds 0 --set PRODUCER_RATE=$(SOAK_RATE) $(BENCH_ARGS)
+
 # --- observability: Prometheus and Grafana ---------------------------------------------
 .PHONY: prometheus
 

@@ -629,10 +629,16 @@ def run_workload(
             conn.execute("SELECT pg_stat_statements_reset()")
         pg_before = pg_counters(conn)
         before = CpuSnapshot.take(pids, {"postgres": pg_pid})
+        rss_start = {"producer": rss_mb(producer.pid), "consumer": rss_mb(consumer.pid)}
         t0 = time.time()
         m0 = time.monotonic()
         tick("measure", m0 + opts.seconds, m0)
         t1 = time.time()
+        # Memory growth over the window (the soak's figure): RSS at its end vs its start.
+        rss_growth = {
+            name: (rss_mb(d.pid) - rss_start[name]) / max(rss_start[name], 1e-6) * 100
+            for name, d in (("producer", producer), ("consumer", consumer))
+        }
         cpu = CpuSnapshot.take(pids, {"postgres": pg_pid}).minus(before)
         for extra in [name for name in pids if "_" in name]:  # sum instances per role
             cpu[extra.split("_")[0]] += cpu.pop(extra)
@@ -704,6 +710,7 @@ def run_workload(
             n: cpu[n] / window for n in ("producer", "consumer", "postgres", "bench", "other")
         },
         "peak_rss_mb": peak,
+        "rss_growth_pct": rss_growth,
         "postgres": {
             "commits_per_1k": (pg_after["commits"] - pg_before["commits"]) / k,
             "wal_bytes_per_task": (pg_after["wal_bytes"] - pg_before["wal_bytes"]) / max(done, 1),
@@ -907,6 +914,8 @@ def fmt_table(result: dict[str, Any]) -> str:
         row(f"CPU cores busy, {n}", lambda w, n=n: f"{w['cpu_cores'][n]:.2f}")
     for n in ("producer", "consumer"):
         row(f"peak RSS MB, {n}", lambda w, n=n: f"{w['peak_rss_mb'][n]:.0f}")
+    for n in ("producer", "consumer"):
+        row(f"RSS growth over window %, {n}", lambda w, n=n: f"{w['rss_growth_pct'][n]:+.1f}")
     row("pg commits / 1k tasks (approx)", lambda w: f"{w['postgres']['commits_per_1k']:.1f}")
     row("pg WAL bytes / task (approx)", lambda w: f"{w['postgres']['wal_bytes_per_task']:.0f}")
     if all("ceiling" in wls[n] for n in names):
