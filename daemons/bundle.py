@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     targets = sub.add_parser("consumer-target", help="gRPC target naming N local consumers")
     targets.add_argument("consumers", type=int)
     sub.add_parser("db-url")
-    sub.add_parser("uses-local-db")
     wait = sub.add_parser("wait-flowing")
     wait.add_argument("--tasks", type=int, default=10)
     wait.add_argument("--timeout", type=float, default=120.0)
@@ -112,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             print(consumer_target(args.consumers))
         elif args.cmd == "db-url":
             print(settings.dsn())
-        elif args.cmd == "uses-local-db":
-            return 0 if settings.database_url is None else 1
         else:
             n = asyncio.run(_wait_flowing(settings.dsn(), args.tasks, args.timeout))
             print(f"tasks flowing: {n} reached done on {mask('URL', settings.dsn())}")

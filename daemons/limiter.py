@@ -49,14 +49,3 @@ class SlidingWindowLimiter:
             else:
                 log.append((now, granted))
         return granted
-
-    def refund(self, count: int) -> None:
-        """Give back admissions that were not used (newest first)."""
-        log = self._log
-        while count > 0 and log:
-            t, n = log.pop()
-            back = min(n, count)
-            count -= back
-            self._used -= back
-            if n > back:
-                log.append((t, n - back))

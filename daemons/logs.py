@@ -96,20 +96,12 @@ def emit_rows(
         service = formatter.service if isinstance(formatter, ConsoleFormatter) else "-"
         line = f"{stamp} INFO {service} {event} " + " ".join(f"{n}=%s" for n in names) + "\n"
         text = "".join([line % row for row in rows])
-    with handler.lock or _NO_LOCK:
+    handler.acquire()
+    try:
         handler.stream.write(text)
         handler.flush()
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
+    finally:
+        handler.release()
 
 
 def configure(service: str, level: str, fmt: str) -> None:

@@ -47,15 +47,6 @@ def test_any_window_holds_at_most_limit() -> None:
         assert in_window <= 7
 
 
-def test_refund_returns_newest_admissions() -> None:
-    clock = Clock()
-    lim = SlidingWindowLimiter(5, 1.0, clock)
-    assert lim.acquire(5) == 5
-    lim.refund(2)
-    assert lim.available() == 2
-    assert lim.acquire(3) == 2
-
-
 def test_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         SlidingWindowLimiter(0, 1.0)
