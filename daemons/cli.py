@@ -19,7 +19,6 @@ from daemons.errors import DaemonError
 from daemons.settings import ConsumerSettings, ProducerSettings, explain, load
 
 log = logging.getLogger("daemons")
-GC_THRESHOLD_GEN0 = 50_000  # default 700
 
 
 def _version_line(prog: str) -> str:
@@ -64,9 +63,10 @@ def _run_daemon(
     # The daemons allocate many short-lived objects per batch and few long-lived ones:
     # collect the young generation less often, and keep start-up objects (modules,
     # settings) out of every collection. Measured: 11-13 % less CPU per task.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD_GEN0, 50, 100)
+    if settings.gc_threshold:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(settings.gc_threshold, 50, 100)
     try:
         app = app_factory(settings)
         return int(_run(app.run(), settings.event_loop))

@@ -61,6 +61,11 @@ class _Common(BaseSettings):
         "uvloop",
         description="uvloop (measured: +10 % single-task RPCs/s) or the standard asyncio loop",
     )
+    gc_threshold: int = Field(
+        50_000,
+        ge=0,
+        description="young-generation GC threshold after gc.freeze() (0 = Python's defaults)",
+    )
     instance: int = Field(
         0,
         ge=0,
