@@ -80,15 +80,42 @@ db_pool_available = Gauge("db_pool_available", "Idle connections in the pool")
 db_pool_max = Gauge("db_pool_max", "Most connections the pool may open")
 db_pool_requests_waiting = Gauge("db_pool_requests_waiting", "Callers waiting for a connection")
 db_write_failing = Gauge("db_write_failing", "1 while writes to the database fail (outage)")
-grpc_client_handled = Counter(
-    "grpc_client_handled", "RPCs completed on the client, by method and code", ["method", "code"]
-)
-grpc_client_seconds = Histogram(
-    "grpc_client_handling_seconds",
-    "RPC time seen by the client",
-    ["method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class RpcMetrics:
+    """Handled RPCs by method and code, and latency by method, for one side of the link
+    (the consumer's server interceptor, the producer's client interceptor). Children are
+    created once per method and code, not looked up per call."""
+
+    def __init__(self, side: str, seen_by: str) -> None:
+        self.handled = Counter(
+            f"grpc_{side}_handled",
+            f"RPCs completed on the {side}, by method and code",
+            ["method", "code"],
+        )
+        self.seconds = Histogram(
+            f"grpc_{side}_handling_seconds",
+            f"RPC time seen by the {seen_by}",
+            ["method"],
+            buckets=RPC_BUCKETS,
+        )
+        self._handled: dict[tuple[str, str], Counter] = {}
+        self._seconds: dict[str, Histogram] = {}
+
+    def record(self, method: str, code: str, seconds: float) -> None:
+        counter = self._handled.get((method, code))
+        if counter is None:
+            counter = self._handled[method, code] = self.handled.labels(method, code)
+        counter.inc()
+        timer = self._seconds.get(method)
+        if timer is None:
+            timer = self._seconds[method] = self.seconds.labels(method)
+        timer.observe(seconds)
+
+
+rpc_server = RpcMetrics("server", "server")
+rpc_client = RpcMetrics("client", "client")
 
 STATE_REFRESH_S = 2.0
 

@@ -28,10 +28,6 @@ SERVICE_CONFIG = json.dumps(
 
 
 class ClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    def __init__(self) -> None:
-        self._handled: dict[tuple[str, str], Any] = {}
-        self._seconds: dict[str, Any] = {}
-
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
@@ -48,15 +44,7 @@ class ClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            key = (method, code.name)
-            child = self._handled.get(key)
-            if child is None:
-                child = self._handled[key] = metrics.grpc_client_handled.labels(*key)
-            child.inc()
-            timer = self._seconds.get(method)
-            if timer is None:
-                timer = self._seconds[method] = metrics.grpc_client_seconds.labels(method)
-            timer.observe(time.perf_counter() - start)
+            metrics.rpc_client.record(method, code.name, time.perf_counter() - start)
         return call
 
 

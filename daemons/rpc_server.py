@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 from grpc_interceptor.server import AsyncServerInterceptor
-from prometheus_client import Counter, Histogram
 
 from daemons import engine as eng
 from daemons import metrics
@@ -20,16 +19,6 @@ from daemons.store import TRANSIENT_ERRORS
 TYPE_RANGE = range(10)
 VALUE_RANGE = range(100)
 
-rpc_handled = Counter(
-    "grpc_server_handled", "RPCs completed on the server, by method and code", ["method", "code"]
-)
-rpc_seconds = Histogram(
-    "grpc_server_handling_seconds",
-    "RPC handling time on the server",
-    ["method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
-
 STATUS_OF_ERROR: dict[type[DaemonError], grpc.StatusCode] = {
     InvalidTask: grpc.StatusCode.INVALID_ARGUMENT,
     Draining: grpc.StatusCode.UNAVAILABLE,
@@ -39,17 +28,6 @@ STATUS_OF_ERROR: dict[type[DaemonError], grpc.StatusCode] = {
 class ErrorsAndMetrics(AsyncServerInterceptor):
     """DaemonError -> status code, transient database errors -> UNAVAILABLE; a handled
     counter and latency histogram per method."""
-
-    def __init__(self) -> None:
-        self._children: dict[tuple[str, str], Any] = {}
-        self._timers: dict[str, Any] = {}
-
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
-        key = (method, code.name)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = rpc_handled.labels(method, code.name)
-        child.inc()
 
     async def intercept(
         self,
@@ -76,11 +54,7 @@ class ErrorsAndMetrics(AsyncServerInterceptor):
             code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
             raise
         finally:
-            self._count(short, code)
-            timer = self._timers.get(short)
-            if timer is None:
-                timer = self._timers[short] = rpc_seconds.labels(short)
-            timer.observe(time.perf_counter() - start)
+            metrics.rpc_server.record(short, code.name, time.perf_counter() - start)
 
 
 def to_new_task(task: tasks_pb2.Task, index: int | None = None) -> eng.NewTask:

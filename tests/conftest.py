@@ -12,6 +12,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -30,6 +31,16 @@ def need(condition: bool, reason: str) -> None:
         if CI:
             pytest.fail(f"CI=true and a test prerequisite is missing: {reason}")
         pytest.skip(reason)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM, wait up to `grace_s`, then SIGKILL."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def free_port() -> int:
@@ -61,11 +72,7 @@ def pg_server() -> Iterator[str]:
             )
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -216,22 +216,23 @@ def test_connection_exhaustion(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario("conn_exhaustion", cluster, tmp_path, inject)
 
 
-def test_consumer_sigkill_mid_work(cluster: Cluster, tmp_path: Path) -> None:
-    def inject(bundle: Bundle, sup: Supervisor) -> None:
-        old = sup.pid("consumer")
-        os.kill(old, signal.SIGKILL)
-        wait_until(lambda: sup.pid("consumer") not in (0, old), 20, "consumer restarted")
+def _kill_and_wait_restart(sup: Supervisor, program: str) -> None:
+    """SIGKILL a program and wait until supervisor has a new process running for it."""
+    old = sup.pid(program)
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: sup.pid(program) not in (0, old), 20, f"{program} restarted")
 
-    run_scenario("consumer_kill", cluster, tmp_path, inject)
+
+def test_consumer_sigkill_mid_work(cluster: Cluster, tmp_path: Path) -> None:
+    run_scenario(
+        "consumer_kill", cluster, tmp_path, lambda b, sup: _kill_and_wait_restart(sup, "consumer")
+    )
 
 
 def test_producer_sigkill_mid_send(cluster: Cluster, tmp_path: Path) -> None:
-    def inject(bundle: Bundle, sup: Supervisor) -> None:
-        old = sup.pid("producer")
-        os.kill(old, signal.SIGKILL)
-        wait_until(lambda: sup.pid("producer") not in (0, old), 20, "producer restarted")
-
-    run_scenario("producer_kill", cluster, tmp_path, inject)
+    run_scenario(
+        "producer_kill", cluster, tmp_path, lambda b, sup: _kill_and_wait_restart(sup, "producer")
+    )
 
 
 def test_five_consumer_kills_in_a_minute(cluster: Cluster, tmp_path: Path) -> None:
@@ -239,9 +240,7 @@ def test_five_consumer_kills_in_a_minute(cluster: Cluster, tmp_path: Path) -> No
         for _ in range(5):
             sup.wait_running("consumer", timeout_s=30)
             wait_until(lambda: states(bundle.db_url)["processing"] > 0, 20, "work in flight")
-            old = sup.pid("consumer")
-            os.kill(old, signal.SIGKILL)
-            wait_until(lambda o=old: sup.pid("consumer") not in (0, o), 20, "restart")
+            _kill_and_wait_restart(sup, "consumer")
 
     # Five kills take ~15 s at this rate: a larger total keeps the load on throughout.
     run_scenario("consumer_kill_x5", cluster, tmp_path, inject, total=12000)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, free_port, need, states
+from tests.conftest import ROOT, free_port, need, states, stop_process
 from tests.system.harness import Bundle, wait_until
 
 PROMETHEUS_CONF = ROOT / "conf" / "prometheus.yml"
@@ -170,10 +170,5 @@ def test_every_dashboard_query_returns_data_from_the_real_daemons(
         up = {r["metric"]["job"]: r["value"][1] for r in api.query("up")}
         assert up == {"producer": "1", "consumer": "1"}
     finally:
-        prom.terminate()
-        try:
-            prom.wait(15)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait(10)
+        stop_process(prom, 15)
         log.close()
