@@ -42,6 +42,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -218,6 +219,14 @@ class Cluster:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         return url
+
+    def drop_database(self, name: str) -> None:
+        """A finished phase's database goes at once: otherwise autovacuum works through
+        its million updated rows during the next phase and takes CPU from it."""
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def start_daemon(self, name: str, env: dict[str, str]) -> Daemon:
         log_path = self.tmp / f"{name}-{len(self.daemons)}.log"
@@ -400,14 +409,21 @@ def scrape_done(port: str) -> int | None:
     return None if value is None else int(value)
 
 
-def percentiles(conn: Any, t0: float, t1: float) -> tuple[int, list[float]]:
+def percentiles(
+    conn: Any, t0: float, t1: float, work_scale: float
+) -> tuple[int, list[float], float]:
+    """(tasks done in [t0, t1), creation->done p50/p95/p99 ms, p99 ms of the same minus
+    each task's own work): the latency target is "under 100 ms plus the task's work"."""
     row = conn.execute(
         "SELECT count(*), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP"
-        " (ORDER BY last_update_time - creation_time)"
+        " (ORDER BY last_update_time - creation_time),"
+        " percentile_cont(0.99) WITHIN GROUP"
+        " (ORDER BY last_update_time - creation_time - value * %s / 1000.0)"
         " FROM tasks WHERE state = 'done' AND last_update_time >= %s AND last_update_time < %s",
-        (t0, t1),
+        (work_scale, t0, t1),
     ).fetchone()
-    return int(row[0]), [float(x) * 1000 for x in (row[1] or [0.0, 0.0, 0.0])]
+    ms = [float(x) * 1000 for x in (row[1] or [0.0, 0.0, 0.0])]
+    return int(row[0]), ms, float(row[2] or 0.0) * 1000
 
 
 def pg_counters(conn: Any) -> dict[str, float]:
@@ -522,6 +538,7 @@ class Options:
     out: Path
     consumers: int = 1
     producers: int = 1
+    half_rate: bool = True
 
 
 def daemon_env(cluster: Cluster, url: str, extra: dict[str, str]) -> dict[str, str]:
@@ -543,21 +560,33 @@ def daemon_env(cluster: Cluster, url: str, extra: dict[str, str]) -> dict[str, s
 
 
 def run_workload(
-    cluster: Cluster, opts: Options, workload: str, stamp: str, progress: Progress
+    cluster: Cluster,
+    opts: Options,
+    workload: str,
+    stamp: str,
+    progress: Progress,
+    rate: str = MAX_RATE,
+    label: str = "",
 ) -> dict[str, Any]:
+    """One workload on a fresh database: flat out, or at `rate` tasks/s offered (the
+    half-rate phase, `label` e.g. "zero@half" names its database, files and progress)."""
     import psycopg
 
     assert cluster.popen is not None
     pg_pid = cluster.popen.pid
-    url = cluster.new_database(f"bench_{workload}")
+    work_scale = float(WORKLOADS[workload])
+    workload = label or workload
+    db_name = "bench_" + re.sub(r"\W", "_", workload)
+    url = cluster.new_database(db_name)
     knobs = {
-        "PRODUCER_RATE": MAX_RATE,
+        "PRODUCER_RATE": rate,
         "PRODUCER_MAX_BACKLOG": str(opts.backlog),
         "CONSUMER_RATE_LIMIT": HIGH_LIMIT,
         "CONSUMER_MAX_IN_FLIGHT": str(opts.max_in_flight),
-        "CONSUMER_WORK_SCALE": WORKLOADS[workload],
+        "CONSUMER_WORK_SCALE": WORKLOADS[workload.split("@")[0]],
         **opts.overrides,
     }
+    rate = knobs["PRODUCER_RATE"]
     env = daemon_env(cluster, url, knobs)
     # Instances beyond the first get their own ports; producers target every consumer.
     consumer_envs = [env] + [
@@ -688,7 +717,7 @@ def run_workload(
             "lost_processing": left_processing,
             "exit_codes_ok": all(code == 0 for code in exit_codes.values()),
         }
-        done, (p50, p95, p99) = percentiles(conn, t0, t1)
+        done, (p50, p95, p99), p99_beyond_work = percentiles(conn, t0, t1, work_scale)
         per_second = series(conn, started, t1)
         states: dict[str, int] = dict(
             conn.execute("SELECT state::text, count(*) FROM tasks GROUP BY 1").fetchall()
@@ -696,7 +725,7 @@ def run_workload(
     k = max(done, 1) / 1000
     in_window = [n for s, n, _, _ in per_second if t0 - started <= s < t1 - started - 1]
     result: dict[str, Any] = {
-        "work_scale": float(WORKLOADS[workload]),
+        "work_scale": work_scale,
         "consumers": opts.consumers,
         "producers": opts.producers,
         "tasks_per_s": done / window,
@@ -704,7 +733,8 @@ def run_workload(
         "window_s": round(window, 2),
         "min_1s_tasks_per_s": min(in_window) if in_window else 0,
         "max_1s_tasks_per_s": max(in_window) if in_window else 0,
-        "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
+        "rate_offered": rate,
+        "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "p99_beyond_work": p99_beyond_work},
         "cpu_s_per_1k": {n: cpu[n] / k for n in ("producer", "consumer", "postgres")},
         "cpu_cores": {
             n: cpu[n] / window for n in ("producer", "consumer", "postgres", "bench", "other")
@@ -731,11 +761,12 @@ def run_workload(
         result["postgres"]["statements"] = statements
     if spies:
         result["profile"] = summarize_profiles(spies, opts.seconds, workload, stamp)
-    if opts.ceiling_seconds > 0:
+    if opts.ceiling_seconds > 0 and not label:
         progress.show(f"[{workload}] ceiling: psycopg, batches of {CEILING_BATCH}")
         result["ceiling"] = ceiling(url, opts.ceiling_seconds, pg_pid)
         result["ratio_to_ceiling"] = result["tasks_per_s"] / result["ceiling"]["tasks_per_s"]
         progress.done()
+    cluster.drop_database(db_name)
     return result
 
 
@@ -847,6 +878,11 @@ def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> 
     span = max(last[0] - first[0], 1e-6)
     cpu = last[1].minus(first[1])
     profile = summarize_profiles(spies, spy_seconds, "single-task Submit RPC", stamp)
+    port = env["CONSUMER_METRICS_PORT"]
+    statements = {
+        "register": scrape_sum(port, 'consumer_db_batch_size_count{transition="processing"}'),
+        "done": scrape_sum(port, 'consumer_db_batch_size_count{transition="done"}'),
+    }
     exit_code = stop(consumer.popen, signal.SIGTERM, STOP_TIMEOUT_S)
     with psycopg.connect(url, autocommit=True) as conn:
         found = conn.execute(
@@ -885,6 +921,7 @@ def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> 
             "other": cpu["other"] / span,
         },
         "consumer_exit_code": exit_code,
+        "statements": statements,
         **({"profile": profile} if profile else {}),
         "settings": knobs,
     }
@@ -906,8 +943,13 @@ def fmt_table(result: dict[str, Any]) -> str:
         "  min / max over 1 s",
         lambda w: f"{w['min_1s_tasks_per_s']:,} / {w['max_1s_tasks_per_s']:,}",
     )
+    row(
+        "tasks/s offered (PRODUCER_RATE)",
+        lambda w: "max" if w["rate_offered"] == MAX_RATE else f"{int(w['rate_offered']):,}",
+    )
     for p in ("p50", "p95", "p99"):
         row(f"latency {p} ms (create->done)", lambda w, p=p: f"{w['latency_ms'][p]:,.1f}")
+    row("  p99 ms beyond the task's work", lambda w: f"{w['latency_ms']['p99_beyond_work']:,.1f}")
     for n in ("producer", "consumer", "postgres"):
         row(f"CPU s / 1k tasks, {n}", lambda w, n=n: f"{w['cpu_s_per_1k'][n]:.4f}")
     for n in ("producer", "consumer", "postgres", "other"):
@@ -918,16 +960,24 @@ def fmt_table(result: dict[str, Any]) -> str:
         row(f"RSS growth over window %, {n}", lambda w, n=n: f"{w['rss_growth_pct'][n]:+.1f}")
     row("pg commits / 1k tasks (approx)", lambda w: f"{w['postgres']['commits_per_1k']:.1f}")
     row("pg WAL bytes / task (approx)", lambda w: f"{w['postgres']['wal_bytes_per_task']:.0f}")
-    if all("ceiling" in wls[n] for n in names):
-        row("ceiling tasks/s (psycopg, 1k)", lambda w: f"{w['ceiling']['tasks_per_s']:,.0f}")
+    if any("ceiling" in wls[n] for n in names):
+        row(
+            "ceiling tasks/s (psycopg, 1k)",
+            lambda w: f"{w['ceiling']['tasks_per_s']:,.0f}" if "ceiling" in w else "-",
+        )
         row(
             "  ceiling CPU s/1k py / pg",
             lambda w: (
                 f"{w['ceiling']['cpu_s_per_1k']['python']:.4f} / "
                 f"{w['ceiling']['cpu_s_per_1k']['postgres']:.4f}"
+                if "ceiling" in w
+                else "-"
             ),
         )
-        row("ours / ceiling", lambda w: f"{w['ratio_to_ceiling'] * 100:.1f} %")
+        row(
+            "ours / ceiling",
+            lambda w: f"{w['ratio_to_ceiling'] * 100:.1f} %" if "ceiling" in w else "-",
+        )
     row("exit codes producer/consumer", lambda w: "{producer}/{consumer}".format(**w["exit_codes"]))
     row(
         "lost / double-counted",
@@ -1143,6 +1193,13 @@ def parse_args(argv: list[str] | None) -> Options:
         action="store_true",
         help="load pg_stat_statements in the private cluster; report the top statements",
     )
+    p.add_argument(
+        "--half-rate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after each workload, run it again at half the rate it reached (the latency"
+        " target's condition); off when --set PRODUCER_RATE fixes the rate",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where charts go")
     a = p.parse_args(argv)
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip() not in ("", "none")]
@@ -1174,6 +1231,7 @@ def parse_args(argv: list[str] | None) -> Options:
         a.out,
         max(1, a.consumers),
         max(1, a.producers),
+        a.half_rate and "PRODUCER_RATE" not in overrides,
     )
 
 
@@ -1221,9 +1279,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with private_cluster(opts.pg_stats) as cluster:
             for workload in opts.workloads:
-                result["workloads"][workload] = run_workload(
-                    cluster, opts, workload, stamp, progress
-                )
+                flat_out = run_workload(cluster, opts, workload, stamp, progress)
+                result["workloads"][workload] = flat_out
+                if opts.half_rate:
+                    # The latency target is set at half the maximum rate.
+                    half = str(max(1, round(flat_out["tasks_per_s"] / 2)))
+                    name = f"{workload}@half"
+                    result["workloads"][name] = run_workload(
+                        cluster, opts, workload, stamp, progress, rate=half, label=name
+                    )
             if opts.rpc_seconds > 0:
                 result["rpc"] = run_rpc(cluster, opts, progress, stamp)
     except KeyboardInterrupt:

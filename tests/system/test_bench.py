@@ -62,6 +62,19 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
     assert zero["ratio_to_ceiling"] > 0
     assert zero["settings"]["CONSUMER_WORK_SCALE"] == "0"
 
+    # No work: nothing to subtract from the latency.
+    assert abs(zero["latency_ms"]["p99_beyond_work"] - zero["latency_ms"]["p99"]) < 0.01
+    assert zero["rate_offered"] == "1000000"
+
+    # The same workload again at half the rate it reached: the latency target's condition.
+    half = report["workloads"]["zero@half"]
+    assert half["rate_offered"] == str(max(1, round(zero["tasks_per_s"] / 2)))
+    assert half["settings"]["PRODUCER_RATE"] == half["rate_offered"]
+    assert half["done_in_window"] > 0
+    assert half["check"] == {"double_counted": 0, "lost_processing": 0, "exit_codes_ok": True}
+    assert "ceiling" not in half
+    assert "zero@half" in run.stdout
+
     rpc = report["rpc"]
     assert rpc["ok_per_s"] > 0 and rpc["latency_ms"]["p99"] > 0
     assert rpc["codes"].get("OK", 0) > 0
