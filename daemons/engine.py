@@ -33,7 +33,7 @@ TASK_LINE_FIELDS = ("id", "type", "value", "type_sum")
 MAX_ROWS_PER_STATEMENT = 5000  # keeps one statement well under a second
 DONE_FLUSH_INTERVAL_S = 0.005  # group commit: statements start at least 5 ms apart ...
 DONE_FLUSH_ROWS = 2000  # ... unless this many finished tasks are waiting
-ADMIT_GAP_S = 0.001  # admission statements start at least 1 ms apart ...
+ADMIT_GAP_S = 0.002  # admission statements start at least 2 ms apart ...
 ADMIT_FULL = 64  # ... unless this many requests are waiting
 BACKOFF_MAX_S = 2.0
 FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished work
@@ -59,7 +59,7 @@ class Coalescer(Generic[In, R]):
     Statements also start at least `min_gap_s` apart unless `full` requests wait. Without
     that, single-task calls under load (statement time ~0.5 ms, a call every 0.3 ms) made
     batches of 1-2 rows, and psycopg's ~150 µs per statement became most of a call's
-    cost; 1 ms costs a lone caller at most that much latency.
+    cost. A lone caller waits at most the gap minus its own round trip.
 
     `run(items)` returns one result per item (None = lost the transition). `on_rows` sees
     every non-None result even when the waiting caller was cancelled meanwhile, so work

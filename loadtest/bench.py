@@ -24,8 +24,12 @@ Per workload, after `--warmup` seconds, over a window of `--seconds`:
                  psycopg, batches of 1,000 through the same three statements
                  (insert_batch, mark_processing, mark_done), one commit each; ratio = ours
                  / ceiling
-Then the single-task RPC figure: a consumer alone, `loadtest.bench_rpc` processes
-calling unary `Submit` with tasks of id 0 from N concurrent callers.
+Each workload then runs again at half the rate it reached (`--no-half-rate` skips it):
+the latency target is set there, as creation -> done p99 beyond the task's own work.
+Then the single-task RPC figure: a consumer alone, N concurrent unary `Submit` calls
+with tasks of id 0, from h2load (nghttp2's C load generator, when on PATH) or else
+`loadtest.bench_rpc` (Python, grpc.aio; it needs about as much CPU per call as the
+consumer, which on two cores it takes from the consumer and PostgreSQL).
 
 Charts (throughput and latency over time, inline SVG) go to profiles/ as
 bench-<workload>-<timestamp>.html and bench-latest.html. Every process started is
@@ -530,6 +534,7 @@ class Options:
     rpc_warmup: float
     rpc_concurrency: int
     rpc_procs: int
+    rpc_generator: str
     backlog: int
     max_in_flight: int
     overrides: dict[str, str]
@@ -794,13 +799,27 @@ def summarize_profiles(
     return out
 
 
+RPC_TYPE_WARMUP, RPC_TYPE_MEASURED = 1, 2  # h2load: tells the window's rows apart
+
+
+def rpc_generator(choice: str) -> str:
+    if choice == "auto":
+        return "h2load" if shutil.which("h2load") else "python"
+    if choice == "h2load" and not shutil.which("h2load"):
+        raise BenchError("--rpc-generator h2load: h2load is not on PATH (Debian: nghttp2-client)")
+    return choice
+
+
 def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> dict[str, Any]:
     from array import array
 
     import psycopg
 
+    from loadtest import bench_rpc
+
     assert cluster.popen is not None
     pg_pid = cluster.popen.pid
+    generator = rpc_generator(opts.rpc_generator)
     url = cluster.new_database("bench_rpc")
     knobs = {
         "CONSUMER_RATE_LIMIT": HIGH_LIMIT,
@@ -810,36 +829,69 @@ def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> 
     }
     env = daemon_env(cluster, url, knobs)
     consumer = cluster.start_daemon("consumer", env)
-    gens = []
-    for i in range(opts.rpc_procs):
-        lat_path = cluster.tmp / f"rpc-lat-{i}.bin"
+    target = env["CONSUMER_LISTEN"]
+    gens: list[tuple[subprocess.Popen[bytes], Path]] = []
+    if generator == "h2load":
+        # Warm-up with one task type, measure with another: the database then says
+        # exactly which measured calls succeeded (h2load sees HTTP 200, not grpc-status).
+        h2load = shutil.which("h2load") or "h2load"
+
+        def h2load_phase(name: str, task_type: int, seconds: float, log: str | None) -> list[str]:
+            body = cluster.tmp / f"rpc-{name}.bin"
+            body.write_bytes(bench_rpc.grpc_frame(task_type, 42))
+            return bench_rpc.h2load_command(
+                h2load, target, str(body), seconds, opts.rpc_concurrency, opts.rpc_procs, log
+            )
+
+        if opts.rpc_warmup > 0:
+            progress.show("[rpc] warm-up (h2load)")
+            warm = subprocess.run(
+                h2load_phase("warmup", RPC_TYPE_WARMUP, opts.rpc_warmup, None),
+                capture_output=True,
+                timeout=opts.rpc_warmup + 60,
+            )
+            if warm.returncode != 0:
+                raise BenchError(f"h2load failed:\n{warm.stdout.decode()}{warm.stderr.decode()}")
+        log_path = cluster.tmp / "rpc-h2load.log"
         gen = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "loadtest.bench_rpc",
-                "--target",
-                env["CONSUMER_LISTEN"],
-                "--concurrency",
-                str(opts.rpc_concurrency),
-                "--warmup",
-                str(opts.rpc_warmup),
-                "--seconds",
-                str(opts.rpc_seconds),
-                "--latencies",
-                str(lat_path),
-            ],
-            cwd=ROOT,
-            env=clean_env(),
+            h2load_phase("measured", RPC_TYPE_MEASURED, opts.rpc_seconds, str(log_path)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
         cluster.others.append(gen)
-        gens.append((gen, lat_path))
+        gens.append((gen, log_path))
+        spy_seconds = opts.rpc_seconds
+    else:
+        for i in range(opts.rpc_procs):
+            lat_path = cluster.tmp / f"rpc-lat-{i}.bin"
+            gen = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "loadtest.bench_rpc",
+                    "--target",
+                    target,
+                    "--concurrency",
+                    str(opts.rpc_concurrency),
+                    "--warmup",
+                    str(opts.rpc_warmup),
+                    "--seconds",
+                    str(opts.rpc_seconds),
+                    "--latencies",
+                    str(lat_path),
+                ],
+                cwd=ROOT,
+                env=clean_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            cluster.others.append(gen)
+            gens.append((gen, lat_path))
+        spy_seconds = opts.rpc_warmup + opts.rpc_seconds
     spies: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-    spy_seconds = opts.rpc_warmup + opts.rpc_seconds
-    if opts.py_spy:  # warm-up included: the same steady load, once the channels are up
+    if opts.py_spy:  # the same steady load throughout, once the channels are up
         from loadtest import bench_profile
 
         folded = opts.out / f"bench-rpc-consumer-{stamp}.folded.txt"
@@ -857,22 +909,36 @@ def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> 
             raise BenchError("RPC load generator did not finish")
         consumer.check()
         samples.append((time.time(), CpuSnapshot.take(pids, {"postgres": pg_pid})))
-        progress.show(f"[rpc] {time.monotonic() - begin:3.0f} s")
+        progress.show(f"[rpc] {time.monotonic() - begin:3.0f} s ({generator})")
         time.sleep(0.2)
     progress.done()
-    reports = []
     lat = array("d")
-    for gen, lat_path in gens:
+    codes: dict[str, int] = {}
+    if generator == "h2load":
+        gen, log_path = gens[0]
         out, err = gen.communicate(timeout=10)
-        if gen.returncode != 0:
-            raise BenchError(f"RPC load generator failed:\n{err.decode(errors='replace')}")
-        reports.append(json.loads(out.decode().strip().splitlines()[-1]))
-        with open(lat_path, "rb") as f:
-            lat.frombytes(f.read())
-    if not samples:
+        if gen.returncode != 0 or not log_path.exists():
+            raise BenchError(f"h2load failed:\n{out.decode()}{err.decode()}")
+        latencies, t0, t1, not_200 = bench_rpc.read_h2load_log(str(log_path))
+        lat.extend(latencies)
+        calls = len(latencies)
+    else:
+        reports = []
+        for gen, lat_path in gens:
+            out, err = gen.communicate(timeout=10)
+            if gen.returncode != 0:
+                raise BenchError(f"RPC load generator failed:\n{err.decode(errors='replace')}")
+            reports.append(json.loads(out.decode().strip().splitlines()[-1]))
+            with open(lat_path, "rb") as f:
+                lat.frombytes(f.read())
+        t0 = min(r["t0_wall"] for r in reports)
+        t1 = max(r["t1_wall"] for r in reports)
+        calls = sum(r["calls"] for r in reports)
+        for r in reports:
+            for code, n in r["codes"].items():
+                codes[code] = codes.get(code, 0) + n
+    if not samples or not calls:
         raise BenchError("RPC load generators ended before any measurement")
-    t0 = min(r["t0_wall"] for r in reports)
-    t1 = max(r["t1_wall"] for r in reports)
     first = next((s for s in samples if s[0] >= t0), samples[0])
     last = next((s for s in reversed(samples) if s[0] <= t1), samples[-1])
     span = max(last[0] - first[0], 1e-6)
@@ -889,22 +955,31 @@ def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> 
             "SELECT count(*) FROM tasks WHERE creation_time >= %s AND creation_time < %s",
             (t0, t1),
         ).fetchone()
+        measured = conn.execute(
+            "SELECT count(*) FROM tasks WHERE type = %s", (RPC_TYPE_MEASURED,)
+        ).fetchone()
     registered = int(found[0]) if found else 0
+    if generator == "h2load":
+        # Calls still in flight when h2load stopped may have registered rows it did
+        # not log: count no more OK calls than it measured.
+        ok = min(calls, int(measured[0]) if measured else 0)
+        codes = {"OK": ok}
+        if calls - ok:
+            codes["not OK (grpc-status)"] = calls - ok
+        if not_200:
+            codes["HTTP status not 200"] = not_200
+    else:
+        ok = codes.get("OK", 0)
     ordered = sorted(lat)
 
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000 if ordered else 0.0
 
-    calls = sum(r["calls"] for r in reports)
-    ok = sum(r["ok"] for r in reports)
-    codes: dict[str, int] = {}
-    for r in reports:
-        for code, n in r["codes"].items():
-            codes[code] = codes.get(code, 0) + n
     ok_per_s = ok / opts.rpc_seconds
     return {
+        "generator": generator,
         "calls_per_s": calls / opts.rpc_seconds,
-        "ok_per_s": ok / opts.rpc_seconds,
+        "ok_per_s": ok_per_s,
         "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99)},
         "codes": codes,
         "concurrency": opts.rpc_concurrency * opts.rpc_procs,
@@ -1006,8 +1081,8 @@ def fmt_table(result: dict[str, Any]) -> str:
         lat = rpc["latency_ms"]
         lines += [
             "",
-            f"single-task Submit RPC ({rpc['concurrency']} callers in "
-            f"{rpc['generator_procs']} process(es), {rpc['seconds']:.0f} s):",
+            f"single-task Submit RPC ({rpc['concurrency']} concurrent calls, generator "
+            f"{rpc['generator']} x{rpc['generator_procs']}, {rpc['seconds']:.0f} s):",
             f"  {rpc['ok_per_s']:,.0f} OK calls/s ({rpc['calls_per_s']:,.0f} calls/s), "
             f"latency p50 {lat['p50']:.2f} / p95 {lat['p95']:.2f} / p99 {lat['p99']:.2f} ms",
             f"  consumer CPU {rpc['cpu_s_per_1k_calls']['consumer']:.4f} s / 1k calls, "
@@ -1171,7 +1246,16 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     p.add_argument("--rpc-warmup", type=float, default=2.0, help="RPC warm-up seconds")
     p.add_argument("--rpc-concurrency", type=int, default=32, help="callers per generator")
-    p.add_argument("--rpc-procs", type=int, default=1, help="generator processes")
+    p.add_argument(
+        "--rpc-procs", type=int, default=1, help="generator processes (h2load: connections)"
+    )
+    p.add_argument(
+        "--rpc-generator",
+        choices=("auto", "h2load", "python"),
+        default="auto",
+        help="RPC load generator: h2load (C, nghttp2-client) when on PATH, else"
+        " loadtest.bench_rpc (Python, grpc.aio)",
+    )
     p.add_argument("--backlog", type=int, default=20_000, help="PRODUCER_MAX_BACKLOG")
     p.add_argument("--max-in-flight", type=int, default=50_000, help="CONSUMER_MAX_IN_FLIGHT")
     p.add_argument("--consumers", type=int, default=1, help="consumers (round_robin)")
@@ -1223,6 +1307,7 @@ def parse_args(argv: list[str] | None) -> Options:
         a.rpc_warmup,
         max(1, a.rpc_concurrency),
         max(1, a.rpc_procs),
+        a.rpc_generator,
         a.backlog,
         a.max_in_flight,
         overrides,

@@ -8,6 +8,10 @@ back, with tasks of id 0 (the consumer registers them itself). Calls that *start
 the measurement window count; their latencies (seconds, float64) go to `--latencies`
 so that several generator processes can be merged exactly. Prints one JSON line.
 
+When `h2load` (nghttp2) is on PATH the benchmark prefers it: a Python generator needs
+about as much CPU per call as the consumer itself and, on two cores, takes it from the
+consumer and PostgreSQL. The helpers below build its command and read its log.
+
 Imports stay inside functions: Locust imports every file of this directory.
 """
 
@@ -83,6 +87,71 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_s": time.process_time(),
         "latencies": lat,
     }
+
+
+# --- h2load: a C load generator, so that the generator leaves the CPU to the consumer ---
+
+H2LOAD_HEADERS = ("content-type: application/grpc", "te: trailers")
+
+
+def grpc_frame(task_type: int, value: int) -> bytes:
+    """One unary `Submit` request as it goes on the wire: a gRPC length-prefixed message
+    (flag 0 = uncompressed, 4-byte big-endian length, the protobuf)."""
+    from daemons.rpc.tasks.v1 import tasks_pb2
+
+    body = tasks_pb2.SubmitRequest(
+        task=tasks_pb2.Task(id=0, type=task_type, value=value)
+    ).SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def h2load_command(
+    h2load: str,
+    target: str,
+    body: str,
+    seconds: float,
+    concurrency: int,
+    procs: int,
+    log_file: str | None = None,
+) -> list[str]:
+    """`concurrency` streams on each of `procs` connections (one thread each), for
+    `seconds`, POSTing the same request to the consumer's `Submit` over cleartext HTTP/2:
+    the same load as `procs` processes of the Python generator with that many callers."""
+    cmd = [
+        h2load,
+        "--threads",
+        str(procs),
+        "--clients",
+        str(procs),
+        "--max-concurrent-streams",
+        str(concurrency),
+        "--duration",
+        f"{max(1, round(seconds * 1000))}ms",
+        "--data",
+        body,
+    ]
+    for header in H2LOAD_HEADERS:
+        cmd += ["--header", header]
+    if log_file:
+        cmd.append(f"--log-file={log_file}")
+    return [*cmd, f"http://{target}/tasks.v1.Consumer/Submit"]
+
+
+def read_h2load_log(path: str) -> tuple[list[float], float, float, int]:
+    """(latencies in seconds, first start, last end (unix s), non-200 responses) from
+    h2load's per-request log: start time (µs), HTTP status, duration (µs)."""
+    lat: list[float] = []
+    first, last, bad = float("inf"), 0.0, 0
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) != 3:
+                continue
+            start, status, took = int(parts[0]) / 1e6, parts[1], int(parts[2]) / 1e6
+            lat.append(took)
+            first, last = min(first, start), max(last, start + took)
+            bad += status != "200"
+    return lat, first, last, bad
 
 
 def main(argv: list[str] | None = None) -> int:

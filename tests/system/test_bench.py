@@ -4,47 +4,57 @@ asserted (benchmarks print figures, they are not timed tests); the report's shap
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need
 
 
-def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> None:
-    out = tmp_path / "profiles"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.bench",
-            "--seconds",
-            "2",
-            "--warmup",
-            "1",
-            "--workloads",
-            "zero",
-            "--ceiling-seconds",
-            "0.5",
-            "--rpc-seconds",
-            "1",
-            "--rpc-warmup",
-            "0.5",
-            "--rpc-concurrency",
-            "8",
-            "--out",
-            str(out),
-        ],
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", *args],
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
         capture_output=True,
         text=True,
         timeout=100,
     )
+
+
+def report_of(run: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    report = json.loads(lines[-1])
     assert not any(line.startswith("{") for line in lines[:-1]), "exactly one JSON line"
+    report: dict[str, Any] = json.loads(lines[-1])
+    return report
+
+
+def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> None:
+    out = tmp_path / "profiles"
+    run = bench(
+        "--seconds",
+        "2",
+        "--warmup",
+        "1",
+        "--workloads",
+        "zero",
+        "--ceiling-seconds",
+        "0.5",
+        "--rpc-seconds",
+        "1",
+        "--rpc-warmup",
+        "0.5",
+        "--rpc-concurrency",
+        "8",
+        "--rpc-generator",
+        "python",
+        "--out",
+        str(out),
+    )
+    report = report_of(run)
     assert "tasks/s end to end" in run.stdout  # the human table came first
 
     zero = report["workloads"]["zero"]
@@ -76,6 +86,7 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
     assert "zero@half" in run.stdout
 
     rpc = report["rpc"]
+    assert rpc["generator"] == "python"
     assert rpc["ok_per_s"] > 0 and rpc["latency_ms"]["p99"] > 0
     assert rpc["codes"].get("OK", 0) > 0
     assert rpc["consumer_exit_code"] == 0
@@ -83,3 +94,30 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
     charts = [Path(p) for p in report["charts"]]
     assert (out / "bench-latest.html") in charts
     assert all(p.is_file() and "<svg" in p.read_text() for p in charts)
+
+
+def test_bench_rpc_figure_with_h2load_counts_only_calls_the_database_recorded() -> None:
+    """h2load sees HTTP 200 even for a failed call (the gRPC status is a trailer): the
+    bench counts a call as OK only when its row is in the database."""
+    need(shutil.which("h2load") is not None, "h2load not installed (Debian: nghttp2-client)")
+    run = bench(
+        "--workloads",
+        "none",
+        "--rpc-seconds",
+        "1.5",
+        "--rpc-warmup",
+        "0.5",
+        "--rpc-concurrency",
+        "8",
+        "--rpc-generator",
+        "h2load",
+    )
+    rpc = report_of(run)["rpc"]
+    assert rpc["generator"] == "h2load"
+    calls = round(rpc["calls_per_s"] * rpc["seconds"])
+    ok = round(rpc["ok_per_s"] * rpc["seconds"])
+    assert ok > 0 and rpc["codes"] == {"OK": ok}
+    assert ok == calls  # every measured call registered exactly one task
+    assert 0 < rpc["latency_ms"]["p50"] <= rpc["latency_ms"]["p99"]
+    assert rpc["consumer_exit_code"] == 0
+    assert "generator h2load" in run.stdout
