@@ -59,7 +59,7 @@ class Coalescer(Generic[In, R]):
     Statements also start at least `min_gap_s` apart unless `full` requests wait. Without
     that, single-task calls under load (statement time ~0.5 ms, a call every 0.3 ms) made
     batches of 1-2 rows, and psycopg's ~150 µs per statement became most of a call's
-    cost. A lone caller waits at most the gap minus its own round trip.
+    cost. A lone caller is not delayed (see Pacer).
 
     `run(items)` returns one result per item (None = lost the transition). `on_rows` sees
     every non-None result even when the waiting caller was cancelled meanwhile, so work
@@ -123,21 +123,26 @@ class Coalescer(Generic[In, R]):
 
 
 class Pacer:
-    """Group commit: statements of one writer start at least `min_gap_s` apart, unless
-    `full` items are already waiting. After a quiet spell the first statement goes at
-    once, so a lone request waits for nothing."""
+    """Group commit: while requests come concurrently, statements of one writer start at
+    least `min_gap_s` apart, unless `full` items are already waiting. A lone caller
+    (one item per statement, one at a time) and the first statement after a quiet spell
+    wait for nothing."""
 
     def __init__(self, min_gap_s: float, full: int) -> None:
         self.min_gap_s = min_gap_s
         self.full = full
         self._last = -1e9
+        self._last_size = 0
 
     async def wait(self, waiting: Callable[[], int]) -> None:
         loop = asyncio.get_running_loop()
         pause = self._last + self.min_gap_s - loop.time()
-        if pause > 0 and waiting() < self.full:
+        n = waiting()
+        if pause > 0 and n < self.full and max(n, self._last_size) > 1:
             await asyncio.sleep(pause)
+            n = waiting()
         self._last = loop.time()
+        self._last_size = n
 
 
 @dataclass

@@ -10,9 +10,9 @@ async def test_pacer_spaces_statements_unless_full() -> None:
     loop = asyncio.get_running_loop()
     pacer = eng.Pacer(0.02, full=10)
     t0 = loop.time()
-    await pacer.wait(lambda: 1)  # first after a quiet spell: at once
+    await pacer.wait(lambda: 2)  # first after a quiet spell: at once
     first = loop.time() - t0
-    await pacer.wait(lambda: 1)  # too soon and not full: waits out the gap
+    await pacer.wait(lambda: 2)  # too soon, concurrent and not full: waits out the gap
     second = loop.time() - t0
     await pacer.wait(lambda: 10)  # full: at once
     third = loop.time() - t0
@@ -21,19 +21,29 @@ async def test_pacer_spaces_statements_unless_full() -> None:
     assert third - second < 0.01
 
 
+async def test_pacer_does_not_delay_a_lone_caller() -> None:
+    """One item per statement, one statement at a time: nothing to gather by waiting."""
+    loop = asyncio.get_running_loop()
+    pacer = eng.Pacer(0.02, full=10)
+    t0 = loop.time()
+    for _ in range(5):
+        await pacer.wait(lambda: 1)
+    assert loop.time() - t0 < 0.02
+
+
 async def test_coalescer_batches_single_requests_that_trickle_in() -> None:
-    """Requests one at a time, 0.2 ms apart, against a statement that takes 0.3 ms: without
-    pacing nearly every statement carries one or two rows."""
+    """Single-item requests arriving about 1 ms apart against a statement of 2 ms: with
+    no pacing, statements carry one or two items; with a 10 ms gap, several."""
     batches: list[int] = []
 
     async def run(items: list[int]) -> list[int | None]:
         batches.append(len(items))
-        await asyncio.sleep(0.0003)
+        await asyncio.sleep(0.002)
         return list(items)
 
     states: list[bool] = []
     co: eng.Coalescer[int, int] = eng.Coalescer(
-        "test", run, lambda rows: None, lambda ok, exc: states.append(ok), min_gap_s=0.005
+        "test", run, lambda rows: None, lambda ok, exc: states.append(ok), min_gap_s=0.01
     )
     runner = asyncio.create_task(co.run_forever())
     loop = asyncio.get_running_loop()
@@ -42,14 +52,14 @@ async def test_coalescer_batches_single_requests_that_trickle_in() -> None:
         calls = []
         for i in range(200):
             calls.append(asyncio.create_task(co.submit([i])))
-            await asyncio.sleep(0.0002)
+            await asyncio.sleep(0.001)
         results = await asyncio.gather(*calls)
         took = loop.time() - t0
     finally:
         runner.cancel()
     assert results == [[i] for i in range(200)]  # each caller gets its own row back
     assert sum(batches) == 200
-    # One statement per 5 ms gap at most (the sleeps above last longer than asked).
-    assert len(batches) <= took / 0.005 + 2, (took, batches)
-    assert sum(batches) / len(batches) >= 2, batches
+    # About one statement per 10 ms gap (the sleeps above last longer than asked).
+    assert len(batches) <= took / 0.01 + 3, (took, batches)
+    assert sum(batches) / len(batches) >= 4, batches
     assert all(states)
