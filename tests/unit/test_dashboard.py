@@ -27,6 +27,7 @@ METRICS = {
     "db_pool_available",
     "db_pool_max",
     "db_pool_requests_waiting",
+    "db_write_failing",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "tasks_produced_total",
