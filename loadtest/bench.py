@@ -574,7 +574,7 @@ def run_workload(
 
     assert cluster.popen is not None
     pg_pid = cluster.popen.pid
-    work_scale = float(WORKLOADS[workload])
+    scale = WORKLOADS[workload]
     workload = label or workload
     db_name = "bench_" + re.sub(r"\W", "_", workload)
     url = cluster.new_database(db_name)
@@ -583,10 +583,11 @@ def run_workload(
         "PRODUCER_MAX_BACKLOG": str(opts.backlog),
         "CONSUMER_RATE_LIMIT": HIGH_LIMIT,
         "CONSUMER_MAX_IN_FLIGHT": str(opts.max_in_flight),
-        "CONSUMER_WORK_SCALE": WORKLOADS[workload.split("@")[0]],
+        "CONSUMER_WORK_SCALE": scale,
         **opts.overrides,
     }
-    rate = knobs["PRODUCER_RATE"]
+    rate = knobs["PRODUCER_RATE"]  # an override (make soak) wins
+    work_scale = float(knobs["CONSUMER_WORK_SCALE"])
     env = daemon_env(cluster, url, knobs)
     # Instances beyond the first get their own ports; producers target every consumer.
     consumer_envs = [env] + [
@@ -797,12 +798,12 @@ def summarize_profiles(
 RPC_TYPE_WARMUP, RPC_TYPE_MEASURED = 1, 2  # h2load: tells the window's rows apart
 
 
-def rpc_generator(choice: str) -> str:
-    if choice == "auto":
-        return "h2load" if shutil.which("h2load") else "python"
-    if choice == "h2load" and not shutil.which("h2load"):
+def rpc_generator(choice: str) -> tuple[str, str | None]:
+    """(generator, h2load's path when it is the one)."""
+    h2load = shutil.which("h2load") if choice in ("auto", "h2load") else None
+    if choice == "h2load" and h2load is None:
         raise BenchError("--rpc-generator h2load: h2load is not on PATH (Debian: nghttp2-client)")
-    return choice
+    return ("h2load", h2load) if h2load else ("python", None)
 
 
 def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> dict[str, Any]:
@@ -814,7 +815,7 @@ def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> 
 
     assert cluster.popen is not None
     pg_pid = cluster.popen.pid
-    generator = rpc_generator(opts.rpc_generator)
+    generator, h2load = rpc_generator(opts.rpc_generator)
     url = cluster.new_database("bench_rpc")
     knobs = {
         "CONSUMER_RATE_LIMIT": HIGH_LIMIT,
@@ -826,11 +827,9 @@ def run_rpc(cluster: Cluster, opts: Options, progress: Progress, stamp: str) -> 
     consumer = cluster.start_daemon("consumer", env)
     target = env["CONSUMER_LISTEN"]
     gens: list[tuple[subprocess.Popen[bytes], Path]] = []
-    if generator == "h2load":
+    if h2load is not None:
         # Warm-up with one task type, measure with another: the database then says
         # exactly which measured calls succeeded (h2load sees HTTP 200, not grpc-status).
-        h2load = shutil.which("h2load") or "h2load"
-
         def h2load_phase(name: str, task_type: int, seconds: float, log: str | None) -> list[str]:
             body = cluster.tmp / f"rpc-{name}.bin"
             body.write_bytes(bench_rpc.grpc_frame(task_type, 42))
@@ -1294,24 +1293,24 @@ def parse_args(argv: list[str] | None) -> Options:
     if a.seconds <= 0 or a.warmup < 0:
         p.error("--seconds must be > 0 and --warmup >= 0")
     return Options(
-        a.seconds,
-        a.warmup,
-        workloads,
-        a.ceiling_seconds,
-        a.rpc_seconds,
-        a.rpc_warmup,
-        max(1, a.rpc_concurrency),
-        max(1, a.rpc_procs),
-        a.rpc_generator,
-        a.backlog,
-        a.max_in_flight,
-        overrides,
-        a.py_spy,
-        a.pg_stats,
-        a.out,
-        max(1, a.consumers),
-        max(1, a.producers),
-        a.half_rate and "PRODUCER_RATE" not in overrides,
+        seconds=a.seconds,
+        warmup=a.warmup,
+        workloads=workloads,
+        ceiling_seconds=a.ceiling_seconds,
+        rpc_seconds=a.rpc_seconds,
+        rpc_warmup=a.rpc_warmup,
+        rpc_concurrency=max(1, a.rpc_concurrency),
+        rpc_procs=max(1, a.rpc_procs),
+        rpc_generator=a.rpc_generator,
+        backlog=a.backlog,
+        max_in_flight=a.max_in_flight,
+        overrides=overrides,
+        py_spy=a.py_spy,
+        pg_stats=a.pg_stats,
+        out=a.out,
+        consumers=max(1, a.consumers),
+        producers=max(1, a.producers),
+        half_rate=a.half_rate and "PRODUCER_RATE" not in overrides,
     )
 
 
