@@ -3,8 +3,9 @@ that maps the exception hierarchy to status codes and records RPC metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -27,7 +28,8 @@ STATUS_OF_ERROR: dict[type[DaemonError], grpc.StatusCode] = {
 
 class ErrorsAndMetrics(AsyncServerInterceptor):
     """DaemonError -> status code, transient database errors -> UNAVAILABLE; a handled
-    counter and latency histogram per method."""
+    counter and latency histogram per method. A streaming reply (server reflection) is
+    counted when its stream ends."""
 
     async def intercept(
         self,
@@ -37,24 +39,41 @@ class ErrorsAndMetrics(AsyncServerInterceptor):
         method_name: str,
     ) -> Any:
         short = method_name.rsplit("/", 1)[-1]
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await method(request, context)
-        except DaemonError as exc:
-            code = STATUS_OF_ERROR.get(type(exc), grpc.StatusCode.INTERNAL)
-            await context.abort(code, str(exc))
-        except TRANSIENT_ERRORS:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, "database unavailable; retry later")
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            metrics.rpc_server.record(short, code.name, time.perf_counter() - start)
+        reply = method(request, context)
+        if hasattr(reply, "__aiter__"):  # an async generator: awaiting it is a TypeError
+            return _streamed(reply, context, short)
+        async with _outcome(context, short):
+            return await reply
+
+
+async def _streamed(
+    replies: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str
+) -> AsyncIterator[Any]:
+    async with _outcome(context, method):
+        async for reply in replies:
+            yield reply
+
+
+@contextlib.asynccontextmanager
+async def _outcome(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except DaemonError as exc:
+        code = STATUS_OF_ERROR.get(type(exc), grpc.StatusCode.INTERNAL)
+        await context.abort(code, str(exc))
+    except TRANSIENT_ERRORS:
+        code = grpc.StatusCode.UNAVAILABLE
+        await context.abort(code, "database unavailable; retry later")
+    except grpc.aio.AbortError:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    except BaseException:
+        code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+        raise
+    finally:
+        metrics.rpc_server.record(method, code.name, time.perf_counter() - start)
 
 
 def to_new_task(task: tasks_pb2.Task, index: int | None = None) -> eng.NewTask:
