@@ -9,20 +9,21 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from daemons import debug, metrics
 from daemons.engine import Engine
 from daemons.errors import DaemonError
 from daemons.lifecycle import Lifecycle
 from daemons.logs import fields
-from daemons.rpc.tasks.v1 import tasks_pb2_grpc
+from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from daemons.rpc_server import ConsumerServicer, ErrorsAndMetrics
 from daemons.settings import ConsumerSettings
 from daemons.store import Store
 
 log = logging.getLogger("daemons.consumer")
 
-SERVICE_NAME = "tasks.v1.Consumer"
+SERVICE_NAME = tasks_pb2.DESCRIPTOR.services_by_name["Consumer"].full_name
 MAX_REPLY_BYTES = 16 * 1024 * 1024  # a reply to 10,000 tasks is ~100 KB
 RPC_GRACE_S = 2.0  # in-flight RPCs get this long to answer once we stop listening
 
@@ -81,6 +82,10 @@ class ConsumerApp:
                 ConsumerServicer(self.engine, s.max_batch), server
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            if s.reflection:
+                reflection.enable_server_reflection(
+                    (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                )
             try:
                 if s.tls_cert and s.tls_key:
                     # TLS only: a plaintext client fails its handshake on this port.

@@ -185,6 +185,9 @@ class ConsumerSettings(_Common):
         None, description="PEM certificate: serve TLS only (needs CONSUMER_TLS_KEY)"
     )
     tls_key: FilePath | None = Field(None, description="PEM private key of CONSUMER_TLS_CERT")
+    reflection: bool = Field(
+        True, description="serve gRPC server reflection (grpcurl list/describe need it)"
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ConsumerSettings:

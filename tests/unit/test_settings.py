@@ -21,6 +21,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (p.metrics_port, c.metrics_port) == (9101, 9102)
     assert (p.profiling_port, c.profiling_port) == (6061, 6062)
     assert p.http_host == c.http_host == "127.0.0.1"
+    assert c.reflection  # the port binds loopback: grpcurl works out of the box
     assert p.database_url is None and p.dsn().startswith("postgresql://")
 
 
