@@ -3,7 +3,6 @@ status code and the database changes only as the answer says."""
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from tests.conftest import BIN, sql, states
-from tests.system.harness import Bundle, wait_until
+from tests.system.harness import Bundle, self_signed_cert, wait_until
 
 I32 = st.integers(-(2**31), 2**31 - 1)
 task_st = st.builds(
@@ -136,41 +135,8 @@ def test_oversized_messages_deadlines_and_cancellation(live) -> None:  # type: i
     assert all(r in _snapshot(bundle.db_url) for r in before)
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_link_and_plaintext_refused(bundle: Bundle, tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     bundle.consumer(CONSUMER_TLS_CERT=str(cert), CONSUMER_TLS_KEY=str(key), CONSUMER_WORK_SCALE="0")
     producer = bundle.producer(
         PRODUCER_RATE="500",
