@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from daemons import debug, metrics
+from daemons import debug, maintenance, metrics
 from daemons.engine import Engine
 from daemons.errors import DaemonError
 from daemons.lifecycle import Lifecycle
@@ -102,6 +102,7 @@ class ConsumerApp:
             self.lifecycle.spawn("done-writer", self.engine.done_writer())
             self.lifecycle.spawn("db-probe", self.engine.db_probe())
             self.lifecycle.spawn("db-gauges", metrics.refresh_db_gauges(self.store, "consumer"))
+            maintenance.spawn(self.lifecycle, self.store, s)
             debug_server = await debug.serve(s.http_host, s.profiling_port)
             await server.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -194,16 +194,14 @@ class Engine:
             self.on_db_state(ok)
 
     async def seed(self) -> None:
-        """Running sums survive restarts: start from what the database says is done.
+        """Running sums survive restarts and retention: they start from the database's
+        lifetime totals (a ten-row rollup, so start-up does not grow with history).
 
-        The per-type counters start there too, so a consumer's `tasks_done_total` and
-        `tasks_value_sum_total` equal the database's figures across its restarts. With
-        several consumers, each starts from the totals of its own start-up: their sum
-        equals the database only for consumers started together on a fresh database."""
+        The Prometheus counters do not: they start at zero in each process, as Prometheus
+        expects, so `sum(rate(...))` is right across any number of consumers and
+        restarts. The lifetime totals are exported as gauges (`tasks_done_in_db`)."""
         for t, (count, total) in (await self.store.done_totals_by_type()).items():
             self.counts[t], self.sums[t] = count, total
-            metrics.done_by_type[t].inc(count)
-            metrics.value_sum_by_type[t].inc(total)
 
     # --- admission ---------------------------------------------------------------
 

@@ -80,6 +80,37 @@ db_pool_available = Gauge("db_pool_available", "Idle connections in the pool")
 db_pool_max = Gauge("db_pool_max", "Most connections the pool may open")
 db_pool_requests_waiting = Gauge("db_pool_requests_waiting", "Callers waiting for a connection")
 db_write_failing = Gauge("db_write_failing", "1 while writes to the database fail (outage)")
+# Lifetime totals from the database's rollup (task_totals): the same in every process,
+# whatever restarted or retention removed; dashboards take `max by (type)`.
+done_in_db = Gauge(
+    "tasks_done_in_db", "Tasks ever done, by type (database rollup)", ["type", "service"]
+)
+value_sum_in_db = Gauge(
+    "tasks_value_sum_in_db",
+    "Sum of value over tasks ever done, by type (rollup)",
+    ["type", "service"],
+)
+# --- maintenance: partitions and retention ----------------------------------------
+retention_seconds = Gauge("tasks_retention_seconds", "Configured TASKS_RETENTION (0 = keep all)")
+partitions_stored = Gauge("tasks_partitions", "Done partitions attached (database)")
+partitions_ahead = Gauge(
+    "tasks_partitions_ahead", "Done partitions that start in the future (made ahead of need)"
+)
+oldest_done_age = Gauge(
+    "tasks_oldest_done_age_seconds",
+    "Age of the start of the oldest stored done partition: no stored done task is older",
+)
+partitions_dropped = Counter(
+    "tasks_partitions_dropped", "Done partitions this process removed (retention)"
+)
+retention_rows_removed = Counter(
+    "tasks_retention_removed", "Done tasks removed with their partitions by this process"
+)
+maintenance_seconds = Histogram(
+    "tasks_maintenance_seconds",
+    "Time of one maintenance pass this process ran (it held the maintenance lock)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -125,11 +156,16 @@ class _StatsSource(Protocol):
 
     async def count_by_state(self) -> dict[str, int]: ...
 
+    async def done_totals_by_type(self) -> dict[int, tuple[int, int]]: ...
+
 
 async def refresh_db_gauges(store: _StatsSource, service: str) -> None:
-    """Background task: pool gauges and tasks per state from the database (one row kept
-    exact by triggers), every 2 s: right after restarts, no query per scrape or task."""
+    """Background task: pool gauges, tasks per state (one row kept exact by triggers) and
+    lifetime totals per type (ten rows) from the database, every 2 s: right after
+    restarts, no query per scrape or task."""
     children = {st: tasks_in_state.labels(st, service) for st in ("received", "processing", "done")}
+    done_children = [done_in_db.labels(str(t), service) for t in TYPES]
+    sum_children = [value_sum_in_db.labels(str(t), service) for t in TYPES]
     while True:
         stats = store.stats()
         db_pool_size.set(stats.get("pool_size", 0))
@@ -139,6 +175,9 @@ async def refresh_db_gauges(store: _StatsSource, service: str) -> None:
         try:
             for st, n in (await store.count_by_state()).items():
                 children[st].set(n)
+            for t, (n, total) in (await store.done_totals_by_type()).items():
+                done_children[t].set(n)
+                sum_children[t].set(total)
         except Exception as exc:  # an outage must not kill the metrics loop
             log.debug("state_count_failed", extra=fields(error=str(exc)))
         await asyncio.sleep(STATE_REFRESH_S)

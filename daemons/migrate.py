@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import sys
+import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from yoyo import get_backend, read_migrations
@@ -34,6 +38,44 @@ def _backend(dsn: str) -> Any:
     return get_backend(f"postgresql+psycopg://{rest}")
 
 
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 5.0
+
+
+def _sqlstate(exc: BaseException | None) -> str | None:
+    while exc is not None:
+        state = getattr(exc, "sqlstate", None)
+        if state:
+            return str(state)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _retry_on_lock(step: Callable[[], object], migration: str, wait_s: float) -> None:
+    """Run one migration step; if it gave up waiting for a lock (its own lock_timeout:
+    something holds the table, e.g. a long transaction), let the pipeline flow a moment
+    and try again, until `wait_s` has passed."""
+    deadline = time.monotonic() + wait_s
+    delay = RETRY_FIRST_S
+    tries = 1
+    while True:
+        try:
+            step()
+            return
+        except Exception as exc:
+            if _sqlstate(exc) != LOCK_NOT_AVAILABLE or time.monotonic() + delay > deadline:
+                raise
+            if tries == 1:
+                log.warning(
+                    "migration_waiting_for_lock",
+                    extra=logs.fields(id=migration, error=str(exc).strip().splitlines()[0]),
+                )
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, RETRY_MAX_S)
+            tries += 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="migrator", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -44,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         default=60.0,
         metavar="SECONDS",
         help="wait this long for the database to accept connections (default 60)",
+    )
+    common.add_argument(
+        "--lock-wait",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="keep retrying a migration that times out waiting for a table lock this long"
+        " (default 300); each try waits at most its own lock_timeout",
     )
     up = sub.add_parser("up", parents=[common], help="apply pending migrations")
     up.add_argument("--one", action="store_true", help="apply only the next migration")
@@ -74,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             todo = backend.to_apply(migrations)
             if args.one:
                 todo = todo[:1]
-            backend.apply_migrations(todo)
-            for m in todo:
+            for i, m in enumerate(todo):
+                one = todo[i : i + 1]  # a MigrationList, as yoyo wants
+                _retry_on_lock(partial(backend.apply_migrations, one), m.id, args.lock_wait)
                 log.info("migration_applied", extra=logs.fields(id=m.id, db=mask("URL", dsn)))
             if not todo:
                 log.info("migrations_up_to_date")
             return 0
         todo = backend.to_rollback(migrations)[:1]
-        backend.rollback_migrations(todo)
+        for m in todo:
+            _retry_on_lock(partial(backend.rollback_migrations, todo), m.id, args.lock_wait)
         for m in todo:
             log.info("migration_rolled_back", extra=logs.fields(id=m.id))
         if not todo:

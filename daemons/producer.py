@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from daemons import debug, metrics, rpc_client
+from daemons import debug, maintenance, metrics, rpc_client
 from daemons.lifecycle import Lifecycle
 from daemons.logs import fields
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
@@ -326,6 +326,7 @@ class ProducerApp:
             if s.total:
                 self.lifecycle.spawn("finisher", self._finish_when_done())
             self.lifecycle.spawn("db-gauges", metrics.refresh_db_gauges(self.store, "producer"))
+            maintenance.spawn(self.lifecycle, self.store, s)
             stop = asyncio.create_task(self.lifecycle.stopping.wait())
             done = asyncio.create_task(self.finished.wait())
             await asyncio.wait({stop, done}, return_when=asyncio.FIRST_COMPLETED)

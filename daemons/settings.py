@@ -7,6 +7,7 @@ accepted (`SettingsError`); the CLI turns it into exit status 2.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -30,6 +31,21 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["console", "json"]
 
 
+# A day: long enough to look at yesterday's tasks, and it bounds the disk to about a
+# day of production (about 0.7 GB at the default 100 tasks/s). River keeps a day too.
+DEFAULT_RETENTION_S = 86400.0
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90' or '90s', '30m', '24h', '7d' -> seconds."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise ValueError("a duration: seconds, or a number with s, m, h or d (24h, 7d); 0 = off")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
 def _port(default: int, what: str) -> Any:
     return Field(default, ge=0, le=65535, description=f"{what} port on HTTP_HOST (0 = off)")
 
@@ -46,6 +62,20 @@ class _Common(BaseSettings):
         None,
         validation_alias=AliasChoices("DATABASE_URL"),
         description="PostgreSQL URL; unset = the local embedded database (make run)",
+    )
+    tasks_retention: float = Field(
+        DEFAULT_RETENTION_S,
+        ge=0,
+        validation_alias=AliasChoices("TASKS_RETENTION"),
+        description="keep done tasks this long, then drop them by whole partitions"
+        " (seconds, or 90s, 30m, 24h, 7d; 0 = keep everything)",
+    )
+    maintenance_interval: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="seconds between maintenance passes: partitions ahead, retention,"
+        " vacuum of unfinished tasks (any number of daemons may run it; 0 = not this one)",
     )
     db_pool_size: int = Field(4, ge=1, le=100, description="database connections in the pool")
     db_connect_timeout: float = Field(
@@ -87,6 +117,11 @@ class _Common(BaseSettings):
                 host, _, port = listen.rpartition(":")
                 object.__setattr__(self, "listen", f"{host}:{int(port) + self.instance}")
         return self
+
+    @field_validator("tasks_retention", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -282,12 +317,22 @@ ENV_EXAMPLE_HEAD = """\
 """
 
 
+def _shared(cls: type[_Common], field: str) -> bool:
+    """Read under one name by every daemon (DATABASE_URL, TASKS_RETENTION)."""
+    return isinstance(cls.model_fields[field].validation_alias, AliasChoices)
+
+
 def render_env_example() -> str:
-    lines = [ENV_EXAMPLE_HEAD]
+    lines = [ENV_EXAMPLE_HEAD, "# --- Shared ---"]
+    for field, info in _Common.model_fields.items():
+        if _shared(_Common, field) and field != "database_url":
+            lines.append(f"# {info.description}")
+            lines.append(f"# {env_name(_Common, field)}={info.default}")
+    lines.append("")
     for cls, title in ((ProducerSettings, "Producer"), (ConsumerSettings, "Consumer")):
         lines.append(f"# --- {title} ---")
         for field, info in cls.model_fields.items():
-            if field != "database_url":
+            if not _shared(cls, field):
                 lines.append(f"# {info.description}")
                 lines.append(f"# {env_name(cls, field)}={info.default}")
         lines.append("")

@@ -11,11 +11,12 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, LiteralString
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from daemons import schema_dir
@@ -32,6 +33,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 POOL_WAIT_S = 5.0  # a caller waits this long for a connection before a transient error
+# A row moved to another partition (done) while a statement waited on it fails that
+# statement with a serialization error instead of skipping the row; the transitions are
+# conditional, so running the statement again is safe and gives the usual outcome.
+MOVED_ROW_RETRIES = 5
+MAINTENANCE_STATEMENT_TIMEOUT = "30s"  # DETACH ... CONCURRENTLY waits for old snapshots
+DEFAULT_PARTITION_S = 3600.0  # done partitions made on demand before maintenance ran
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -103,6 +110,28 @@ def pg_array(items: Iterable[int | float]) -> str:
     return "{" + ",".join(map(str, items)) + "}"
 
 
+def _no_partition(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.errors.CheckViolation) and "no partition" in str(exc)
+
+
+@dataclass(slots=True)
+class Partition:
+    name: str
+    lower: int  # unix seconds; 0 = everything before (MINVALUE)
+    upper: int
+    detach_pending: bool = False
+
+
+@dataclass
+class MaintenanceReport:
+    created: int = 0
+    dropped: list[str] = field(default_factory=list)
+    dropped_rows: int = 0
+    partitions: list[Partition] = field(default_factory=list)
+    db_now: float = 0.0
+    maintainer: bool = False
+
+
 @dataclass(slots=True)
 class TaskRow:
     id: int
@@ -118,6 +147,8 @@ class Store:
 
     def __init__(self, dsn: str, *, pool_size: int = 4, name: str = "daemons") -> None:
         self.dsn = dsn
+        # Width of done partitions made on demand (maintenance sets the configured one).
+        self.partition_s = DEFAULT_PARTITION_S
         self.pool = AsyncConnectionPool(
             dsn,
             min_size=min(2, pool_size),
@@ -145,9 +176,22 @@ class Store:
         return self.pool.get_stats()
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(q(name), params)
-            return await cur.fetchall()
+        for attempt in range(MOVED_ROW_RETRIES):
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(q(name), params)
+                    return await cur.fetchall()
+            except psycopg.errors.SerializationFailure:
+                if attempt == MOVED_ROW_RETRIES - 1:
+                    raise
+            except psycopg.errors.CheckViolation as exc:
+                if not _no_partition(exc) or attempt:
+                    raise
+                # A done time beyond the partitions made so far (maintenance not running
+                # yet, or far behind): make them now, then write.
+                log.info("partition_made_on_demand", extra=fields(query=name))
+                await self.ensure_partitions(self.partition_s, self.partition_s)
+        raise AssertionError("unreachable")
 
     # --- domain operations -------------------------------------------------------
 
@@ -179,7 +223,7 @@ class Store:
 
     async def mark_done(self, ids: Sequence[int]) -> list[int]:
         """Move `processing` tasks to `done`; returns the ids that won the transition."""
-        rows = await self._rows("mark_done", {"ids": pg_array(ids), "now": time.time()})
+        rows = await self._rows("mark_done", {"ids": pg_array(ids)})
         return [r[0] for r in rows]
 
     async def release_processing(self, ids: Sequence[int]) -> list[int]:
@@ -204,7 +248,8 @@ class Store:
         return {"received": int(received), "processing": int(processing), "done": int(done)}
 
     async def done_totals_by_type(self) -> dict[int, tuple[int, int]]:
-        """{type: (count, value sum)} over done tasks: seeds the running sums at start-up."""
+        """{type: (count, value sum)} of every task ever done, from the rollup (ten rows,
+        untouched by retention): seeds the running sums at start-up in constant time."""
         rows = await self._rows("done_totals_by_type", {})
         return {int(t): (int(n), int(s)) for t, n, s in rows}
 
@@ -221,3 +266,87 @@ class Store:
             "claim_stale_received", {"before": now - age_s, "now": now, "limit": limit}
         )
         return [TaskRow(*r) for r in rows]
+
+    # --- maintenance: partitions ahead, retention, vacuum --------------------------
+
+    async def ensure_partitions(self, width_s: float, ahead_s: float) -> int:
+        rows = await self._rows("ensure_partitions", {"width_s": width_s, "ahead_s": ahead_s})
+        return int(rows[0][0])
+
+    async def done_partitions(self) -> list[Partition]:
+        return [Partition(*r) for r in await self._rows("done_partitions", {})]
+
+    async def maintain(
+        self, width_s: float, ahead_s: float, retention_s: float
+    ) -> MaintenanceReport:
+        """One maintenance pass, if no other daemon is running one (advisory lock):
+        partitions ahead, then whole done partitions older than `retention_s` (0 = keep
+        all) detached without blocking writers and dropped, then a vacuum of the hot
+        table. Only done partitions are ever removed, so no unfinished task can be."""
+        report = MaintenanceReport()
+        async with self.pool.connection() as conn:
+            got = await (await conn.execute(q("maintenance_lock"))).fetchone()
+            if got and got[0]:
+                report.maintainer = True
+                try:
+                    await conn.execute(
+                        sql.SQL("SET statement_timeout = {}").format(
+                            sql.Literal(MAINTENANCE_STATEMENT_TIMEOUT)
+                        )
+                    )
+                    await self._maintain(conn, width_s, ahead_s, retention_s, report)
+                finally:
+                    await conn.execute("RESET statement_timeout")
+                    await conn.execute(q("maintenance_unlock"))
+            now = await (await conn.execute(q("db_now"))).fetchone()
+            report.db_now = float(now[0]) if now else time.time()
+            cur = await conn.execute(q("done_partitions"))
+            report.partitions = [Partition(*r) for r in await cur.fetchall()]
+        return report
+
+    async def _maintain(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        width_s: float,
+        ahead_s: float,
+        retention_s: float,
+        report: MaintenanceReport,
+    ) -> None:
+        cur = await conn.execute(q("ensure_partitions"), {"width_s": width_s, "ahead_s": ahead_s})
+        made = await cur.fetchone()
+        report.created = int(made[0]) if made else 0
+        # A pass that stopped half-way left partitions detached but not dropped, or a
+        # detach pending: finish those first.
+        for (name,) in await (await conn.execute(q("detached_partitions"))).fetchall():
+            await self._drop_detached(conn, name, report)
+        now_row = await (await conn.execute(q("db_now"))).fetchone()
+        now = float(now_row[0]) if now_row else time.time()
+        cur = await conn.execute(q("done_partitions"))
+        for part in [Partition(*r) for r in await cur.fetchall()]:
+            expired = retention_s > 0 and part.upper <= now - retention_s
+            if not (expired or part.detach_pending):
+                continue
+            ident = sql.Identifier(part.name)
+            how = sql.SQL("FINALIZE" if part.detach_pending else "CONCURRENTLY")
+            # CONCURRENTLY: writers and readers of tasks go on meanwhile (a plain DETACH
+            # or DROP would queue them behind an exclusive lock on tasks_done).
+            await conn.execute(
+                sql.SQL("ALTER TABLE tasks_done DETACH PARTITION {} {}").format(ident, how)
+            )
+            await self._drop_detached(conn, part.name, report)
+        await conn.execute(q("vacuum_unfinished"))
+
+    async def _drop_detached(
+        self, conn: psycopg.AsyncConnection[Any], name: str, report: MaintenanceReport
+    ) -> None:
+        """Count, take off the stored-done count, drop: one transaction, so the count is
+        taken off exactly once whatever stops the pass."""
+        ident = sql.Identifier(name)
+        async with conn.transaction():
+            cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident))
+            row = await cur.fetchone()
+            n = int(row[0]) if row else 0
+            await conn.execute("UPDATE task_counts SET done = done - %(n)s WHERE id = 1", {"n": n})
+            await conn.execute(sql.SQL("DROP TABLE {}").format(ident))
+        report.dropped.append(name)
+        report.dropped_rows += n

@@ -22,15 +22,18 @@ WHERE t.id = u.id AND t.state = 'received'
 RETURNING t.id, t.type, t.value, t.creation_time
 
 -- name: mark_done
-UPDATE tasks AS t SET state = 'done', last_update_time = %(now)s
+-- Moves each row into the done partition of its done time: the database's clock, so a
+-- host with a wrong clock cannot put rows where retention would miss them.
+UPDATE tasks AS t SET state = 'done', last_update_time = extract(epoch FROM statement_timestamp())
 FROM unnest(%(ids)s::bigint[]) AS u(id)
 WHERE t.id = u.id AND t.state = 'processing'
 RETURNING t.id
 
 -- name: release_processing
--- Work a draining consumer could not finish goes back to `received`, stamped with its
--- creation time so the next redelivery sweep picks it up at once.
-UPDATE tasks SET state = 'received', last_update_time = creation_time
+-- Work a draining consumer could not finish goes back to `received`, stamped 0 so the
+-- next redelivery sweep picks it up at once (its creation time, a client's word, may
+-- lie in the future).
+UPDATE tasks SET state = 'received', last_update_time = 0
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'processing'
 RETURNING id
 
@@ -48,7 +51,8 @@ SELECT received + processing FROM task_counts WHERE id = 1
 SELECT received, processing, done FROM task_counts WHERE id = 1
 
 -- name: done_totals_by_type
-SELECT type, count(*), coalesce(sum(value), 0) FROM tasks WHERE state = 'done' GROUP BY type
+-- Lifetime totals (migration 0002): ten rows, whatever the history or the retention.
+SELECT type, done, value_sum FROM task_totals ORDER BY type
 
 -- name: reclaim_expired
 -- Leases: a `processing` task not finished by its deadline belonged to a consumer that
@@ -77,3 +81,38 @@ WITH stale AS (
 UPDATE tasks AS t SET last_update_time = %(now)s
 FROM stale WHERE t.id = stale.id
 RETURNING t.id, t.type, t.value, t.creation_time
+
+-- --- maintenance (daemons.maintenance): partitions ahead, retention, vacuum -----------
+
+-- name: maintenance_lock
+-- One maintainer at a time across every daemon; the others skip the pass.
+SELECT pg_try_advisory_lock(hashtext('tasks maintenance'))
+
+-- name: maintenance_unlock
+SELECT pg_advisory_unlock(hashtext('tasks maintenance'))
+
+-- name: ensure_partitions
+SELECT tasks_ensure_partitions(%(width_s)s, %(ahead_s)s)
+
+-- name: done_partitions
+-- Attached done partitions, their bounds from their names (tasks_done_<lower>_<upper>),
+-- and whether a DETACH ... CONCURRENTLY was interrupted half-way.
+SELECT c.relname, split_part(c.relname, '_', 3)::bigint, split_part(c.relname, '_', 4)::bigint,
+       i.inhdetachpending
+FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'tasks_done'::regclass AND c.relname ~ '^tasks_done_[0-9]+_[0-9]+$'
+ORDER BY 3
+
+-- name: detached_partitions
+-- Done partitions already detached but not yet dropped (a pass that stopped between).
+SELECT c.relname FROM pg_class AS c
+WHERE c.relname ~ '^tasks_done_[0-9]+_[0-9]+$' AND c.relkind = 'r' AND NOT c.relispartition
+  AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tasks_done'::regclass)
+ORDER BY 1
+
+-- name: db_now
+SELECT extract(epoch FROM clock_timestamp())
+
+-- name: vacuum_unfinished
+-- SKIP_LOCKED: if autovacuum is at it already, this pass leaves it be.
+VACUUM (SKIP_LOCKED) tasks_unfinished

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conftest import BIN, ROOT, free_port, sql
 
 
@@ -37,16 +39,37 @@ def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, every_s: fl
     raise AssertionError(f"timed out after {timeout_s}s waiting for: {what} (last: {last!r})")
 
 
-def done_by_type(metrics_url: str) -> dict[int, tuple[int, int]]:
-    """{type: (tasks_done_total, tasks_value_sum_total)} scraped from a consumer."""
+def scrape(metrics_url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a /metrics page: (name, labels, value)."""
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def _by_type(
+    samples: list[tuple[str, dict[str, str], float]], count: str, total: str
+) -> dict[int, tuple[int, int]]:
     out: dict[int, list[int]] = {}
-    for line in text.splitlines():
-        for i, name in enumerate(("tasks_done_total{", "tasks_value_sum_total{")):
-            if line.startswith(name):
-                t = int(line.split('type="')[1].split('"')[0])
-                out.setdefault(t, [0, 0])[i] = int(float(line.rsplit(" ", 1)[1]))
+    for name, labels, value in samples:
+        for i, wanted in enumerate((count, total)):
+            if name == wanted:
+                out.setdefault(int(labels["type"]), [0, 0])[i] = int(value)
     return {t: (n, s) for t, (n, s) in out.items() if n}
+
+
+def done_by_type(metrics_url: str) -> dict[int, tuple[int, int]]:
+    """{type: (tasks_done_total, tasks_value_sum_total)}: what this consumer process did
+    since it started (counters start at zero in each process)."""
+    return _by_type(scrape(metrics_url), "tasks_done_total", "tasks_value_sum_total")
+
+
+def lifetime_by_type(metrics_url: str) -> dict[int, tuple[int, int]]:
+    """{type: (tasks_done_in_db, tasks_value_sum_in_db)}: the database's lifetime totals
+    as a daemon exports them (gauges, refreshed every 2 s)."""
+    return _by_type(scrape(metrics_url), "tasks_done_in_db", "tasks_value_sum_in_db")
 
 
 def db_done_by_type(db_url: str) -> dict[int, tuple[int, int]]:
@@ -138,7 +161,7 @@ class Bundle:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("PRODUCER_", "CONSUMER_")) and k != "DATABASE_URL"
+            if not k.startswith(("PRODUCER_", "CONSUMER_", "TASKS_")) and k != "DATABASE_URL"
         }
         env.update(
             {
@@ -180,6 +203,7 @@ class Supervisor:
     `workdir/conf/` so that `%(here)s/../var` lands in the test's directory)."""
 
     def __init__(self, bundle: Bundle, **env: str) -> None:
+        self.kills: list[float] = []  # when a test SIGKILLed one of its programs
         self.bundle = bundle
         root = bundle.workdir
         (root / "conf").mkdir(exist_ok=True)

@@ -21,7 +21,15 @@ import pytest
 
 from daemons import localdb
 from tests.conftest import BIN, free_port, sql, states
-from tests.system.harness import Bundle, Supervisor, db_done_by_type, done_by_type, wait_until
+from tests.system.harness import (
+    Bundle,
+    Supervisor,
+    db_done_by_type,
+    done_by_type,
+    lifetime_by_type,
+    wait_until,
+)
+from tests.system.ledgers import compare, consumer_ledger, unlogged_outside_kills
 
 TOTAL = 4000
 RATE = "600"  # tasks/s: each scenario runs ~5 s of steady flow plus recovery
@@ -45,9 +53,13 @@ class Result:
     lost: int
     double_counted: int
     recovery_s: float
+    starts: str = ""
 
 
 RESULTS: list[Result] = []
+# Each program starts once; a scenario that kills one says how many starts it expects,
+# so a crash that supervisor quietly restarted fails the scenario.
+EXPECTED_STARTS = {"consumer": 1, "producer": 1}
 
 
 class Cluster:
@@ -94,28 +106,13 @@ def cluster() -> Iterator[Cluster]:
     c.close()
 
 
-def _log_check(log: str) -> tuple[int, dict[int, int]]:
-    """(task_done lines for ids seen before, last running sum per type) from a log that
-    may span several consumer processes."""
-    seen: set[str] = set()
-    dupes = 0
-    last: dict[int, int] = {}
-    for line in log.splitlines():
-        if " task_done " not in line:
-            continue
-        kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
-        dupes += kv["id"] in seen
-        seen.add(kv["id"])
-        last[int(kv["type"])] = int(kv["type_sum"])
-    return dupes, last
-
-
 def run_scenario(
     name: str,
     cluster: Cluster,
     tmp_path: Path,
     inject: Callable[[Bundle, Supervisor], None],
     total: int = TOTAL,
+    expect_starts: dict[str, int] | None = None,
 ) -> None:
     db_url = cluster.fresh_db(f"chaos_{name}")
     bundle = Bundle(db_url, tmp_path)
@@ -145,19 +142,43 @@ def run_scenario(
         final = states(db_url)
         lost = produced - final["done"]
         db = db_done_by_type(db_url)
-        db_counts = {t: n for t, (n, _) in db.items()}
-        db_sums = {t: s for t, (_, s) in db.items()}
-        dupes, last_sums = _log_check(sup.log("consumer"))
-        # The consumer's counters start from the database's totals at each start-up, so
-        # they must equal the database even across its restarts; the per-task lines
-        # must not name a task twice, and the last running sum per type must match.
-        metric = done_by_type(bundle.metrics_url("consumer"))
-        m_counts = {t: n for t, (n, _) in metric.items()}
-        m_sums = {t: s for t, (_, s) in metric.items()}
-        double = max(0, sum(m_counts.values()) - sum(db_counts.values())) + dupes
-        assert m_counts == db_counts and m_sums == db_sums
-        assert last_sums == db_sums
-        RESULTS.append(Result(name, produced, final["done"], lost, double, recovery_s))
+        # Ledger 1, the consumers' logs: every done task named exactly once across all
+        # consumer processes, nothing named that is not done.
+        ledger = consumer_ledger(sup.log("consumer"))
+        double, unlogged, not_done = compare(ledger, db_url)
+        assert not not_done, f"logged done but not done: {sorted(not_done)[:10]}"
+        assert not unlogged_outside_kills(db_url, unlogged, sup.kills), sorted(unlogged)[:10]
+        # Ledger 2, the last consumer process's counters (from zero at its start) against
+        # its own lines: a double count inside that process shows here.
+        wait_until(
+            lambda: done_by_type(bundle.metrics_url("consumer")) == ledger.processes[-1].by_type,
+            5,
+            "the last consumer's counters equal its own task_done lines",
+        )
+        # The lifetime totals the consumer exports (the database's rollup) equal the rows,
+        # and the running sums in the last lines continue from them.
+        wait_until(
+            lambda: lifetime_by_type(bundle.metrics_url("consumer")) == db,
+            10,
+            "tasks_done_in_db equals the database",
+        )
+        assert ledger.last_sums() == {t: s for t, (_, s) in db.items()}
+        starts = {
+            "consumer": ledger.starts,
+            "producer": sup.log("producer").count(" producer_started "),
+        }
+        assert starts == {**EXPECTED_STARTS, **(expect_starts or {})}, starts
+        RESULTS.append(
+            Result(
+                name,
+                produced,
+                final["done"],
+                lost,
+                double,
+                recovery_s,
+                f"c{starts['consumer']}/p{starts['producer']}",
+            )
+        )
         assert lost == 0 and double == 0, RESULTS[-1]
         assert any(
             "exit status 0" in x for x in sup.log("supervisord").splitlines() if ": producer (" in x
@@ -219,19 +240,26 @@ def test_connection_exhaustion(cluster: Cluster, tmp_path: Path) -> None:
 def _kill_and_wait_restart(sup: Supervisor, program: str) -> None:
     """SIGKILL a program and wait until supervisor has a new process running for it."""
     old = sup.pid(program)
+    sup.kills.append(time.time())
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: sup.pid(program) not in (0, old), 20, f"{program} restarted")
 
 
 def test_consumer_sigkill_mid_work(cluster: Cluster, tmp_path: Path) -> None:
-    run_scenario(
-        "consumer_kill", cluster, tmp_path, lambda b, sup: _kill_and_wait_restart(sup, "consumer")
-    )
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        wait_until(lambda: states(bundle.db_url)["processing"] > 0, 20, "work in flight")
+        _kill_and_wait_restart(sup, "consumer")
+
+    run_scenario("consumer_kill", cluster, tmp_path, inject, expect_starts={"consumer": 2})
 
 
 def test_producer_sigkill_mid_send(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario(
-        "producer_kill", cluster, tmp_path, lambda b, sup: _kill_and_wait_restart(sup, "producer")
+        "producer_kill",
+        cluster,
+        tmp_path,
+        lambda b, sup: _kill_and_wait_restart(sup, "producer"),
+        expect_starts={"producer": 2},
     )
 
 
@@ -243,7 +271,9 @@ def test_five_consumer_kills_in_a_minute(cluster: Cluster, tmp_path: Path) -> No
             _kill_and_wait_restart(sup, "consumer")
 
     # Five kills take ~15 s at this rate: a larger total keeps the load on throughout.
-    run_scenario("consumer_kill_x5", cluster, tmp_path, inject, total=12000)
+    run_scenario(
+        "consumer_kill_x5", cluster, tmp_path, inject, total=12000, expect_starts={"consumer": 6}
+    )
 
 
 def test_migration_up_and_down_under_load(cluster: Cluster, tmp_path: Path) -> None:
@@ -263,11 +293,12 @@ def test_print_summary() -> None:
     """Runs last in this module: the per-scenario table for the record."""
     lines = [
         f"{'scenario':18} {'produced':>8} {'done':>6} {'lost':>5} {'double':>6} {'recovery_s':>10}"
+        f" {'starts':>7}"
     ]
     for r in RESULTS:
         lines.append(
             f"{r.scenario:18} {r.produced:8d} {r.done:6d} {r.lost:5d} {r.double_counted:6d}"
-            f" {r.recovery_s:10.2f}"
+            f" {r.recovery_s:10.2f} {r.starts:>7}"
         )
     text = "\n".join(lines)
     print("\nchaos summary\n" + text)

@@ -5,11 +5,19 @@ import subprocess
 import time
 
 import grpc
+import psycopg
 import pytest
 
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from tests.conftest import BIN, sql, states
-from tests.system.harness import Bundle, db_done_by_type, done_by_type, wait_until
+from tests.system.harness import (
+    Bundle,
+    db_done_by_type,
+    done_by_type,
+    lifetime_by_type,
+    wait_until,
+)
+from tests.system.ledgers import compare, consumer_ledger
 
 
 def test_tasks_flow_to_done_and_logs_carry_running_sums(bundle: Bundle) -> None:
@@ -127,7 +135,52 @@ def test_invalid_batches_are_refused_and_change_nothing(bundle: Bundle) -> None:
     assert consumer.popen.poll() is None
 
 
-def test_migration_0002_applied_and_rolled_back_while_running(bundle: Bundle) -> None:
+def test_a_migration_behind_a_long_transaction_does_not_stall_the_pipeline(
+    bundle: Bundle,
+) -> None:
+    """An operator's transaction holds `tasks` for 8 s. The live migration (0003 down,
+    then up) needs an exclusive lock: it waits at most its lock_timeout (1 s) at a time,
+    so writers queue behind it at most that long, and the migrator retries until the
+    reader is gone. Without the timeout every writer would wait the whole 8 s."""
+    bundle.consumer(CONSUMER_WORK_SCALE="0.1")
+    producer = bundle.producer(PRODUCER_RATE="500")
+    wait_until(lambda: states(bundle.db_url)["done"] >= 200, 20, "tasks flowing")
+    with psycopg.connect(bundle.db_url) as reader:
+        reader.execute("SELECT count(*) FROM tasks").fetchone()  # holds its lock until rollback
+        migrator = subprocess.Popen(
+            [str(BIN / "migrator"), "down"],
+            env=bundle.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        samples = []
+        t_end = time.monotonic() + 8
+        while time.monotonic() < t_end:
+            samples.append((time.monotonic(), states(bundle.db_url)["done"]))
+            time.sleep(0.2)
+        assert migrator.poll() is None, "the migration must wait for the reader"
+        reader.rollback()
+    out, _ = migrator.communicate(timeout=60)
+    assert migrator.returncode == 0, out
+    assert "migration_waiting_for_lock" in out and "migration_rolled_back" in out, out
+    # Longest stretch without a task reaching done while the reader held the table.
+    stall, since = 0.0, samples[0]
+    for t, done in samples[1:]:
+        if done > since[1]:
+            since = (t, done)
+        stall = max(stall, t - since[0])
+    assert stall < 3.0, f"pipeline stalled {stall:.1f} s behind the migration"
+    assert samples[-1][1] > samples[0][1] + 500
+    up = subprocess.run(
+        [str(BIN / "migrator"), "up"], env=bundle.env(), capture_output=True, text=True, timeout=60
+    )
+    assert up.returncode == 0, up.stderr
+    producer.terminate()
+    assert producer.wait(15) == 0
+
+
+def test_migration_0003_applied_and_rolled_back_while_running(bundle: Bundle) -> None:
     consumer = bundle.consumer(CONSUMER_WORK_SCALE="0.1")
     producer = bundle.producer(PRODUCER_RATE="500")
     env = bundle.env()
@@ -217,7 +270,9 @@ def test_cli_version_explain_and_bad_settings(tmp_path) -> None:  # type: ignore
     assert "Traceback" not in out.stderr
 
 
-def test_counters_equal_the_database_after_a_consumer_restart(bundle: Bundle) -> None:
+def test_after_a_consumer_restart_counters_start_at_zero_and_lifetime_gauges_equal_the_db(
+    bundle: Bundle,
+) -> None:
     first = bundle.consumer(CONSUMER_WORK_SCALE="0.5")
     producer = bundle.producer(
         PRODUCER_RATE="1000",
@@ -228,9 +283,20 @@ def test_counters_equal_the_database_after_a_consumer_restart(bundle: Bundle) ->
     wait_until(lambda: states(bundle.db_url)["done"] >= 1000, 20, "first half")
     first.terminate()
     assert first.wait(20) == 0
-    bundle.consumer(CONSUMER_WORK_SCALE="0.5")
+    second = bundle.consumer(CONSUMER_WORK_SCALE="0.5")
     assert producer.wait(60) == 0
-    assert done_by_type(bundle.metrics_url("consumer")) == db_done_by_type(bundle.db_url)
+    db = db_done_by_type(bundle.db_url)
+    ledger = consumer_ledger(first.log(), second.log())
+    assert ledger.starts == 2 and compare(ledger, bundle.db_url) == (0, set(), set())
+    # Each process counts what it did: the second one from zero, not from the database.
+    assert done_by_type(bundle.metrics_url("consumer")) == ledger.processes[1].by_type
+    assert sum(n for n, _ in ledger.processes[1].by_type.values()) < 4000
+    # What the dashboard's per-type panels show: the database's lifetime totals.
+    wait_until(
+        lambda: lifetime_by_type(bundle.metrics_url("consumer")) == db, 10, "lifetime gauges"
+    )
+    # The running sums in the log lines continue across the restart.
+    assert ledger.last_sums() == {t: s for t, (_, s) in db.items()}
 
 
 def test_no_password_in_errors_or_logs(tmp_path) -> None:  # type: ignore[no-untyped-def]

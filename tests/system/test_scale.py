@@ -3,7 +3,15 @@
 import signal
 
 from tests.conftest import free_port, states
-from tests.system.harness import Bundle, Proc, db_done_by_type, done_by_type, wait_until
+from tests.system.harness import (
+    Bundle,
+    Proc,
+    db_done_by_type,
+    done_by_type,
+    lifetime_by_type,
+    wait_until,
+)
+from tests.system.ledgers import compare, consumer_ledger
 
 
 def _consumers(bundle: Bundle, n: int, **env: str) -> tuple[list[Proc], list[str], str]:
@@ -78,3 +86,38 @@ def test_killing_one_consumer_loses_nothing_and_the_others_take_over(bundle: Bun
     assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": 8000}
     after = [sum(n for n, _ in done_by_type(u).values()) for u in urls[1:]]
     assert all(a > b + 500 for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_two_consumers_one_restarted_counters_and_lifetime_gauges(bundle: Bundle) -> None:
+    """Prometheus' way with any number of consumers: each process's counters start at
+    zero (so their sum of rates is right and a restart makes no phantom jump), and the
+    database's lifetime totals, exported as gauges, equal the database on every one."""
+    consumers, urls, target = _consumers(bundle, 2, CONSUMER_WORK_SCALE="0.5")
+    (producer,) = _producers(bundle, 1, target, PRODUCER_RATE="800", PRODUCER_TOTAL="4000", **SWEEP)
+    wait_until(lambda: states(bundle.db_url)["done"] >= 1500, 30, "load running")
+    old = consumers[1]
+    old.terminate()
+    assert old.wait(20) == 0
+    restarted = bundle.consumer(
+        CONSUMER_LISTEN=target.removeprefix("ipv4:").split(",")[1],
+        CONSUMER_METRICS_PORT=urls[1].rsplit(":", 1)[1].split("/")[0],
+        CONSUMER_PROFILING_PORT="0",
+        CONSUMER_WORK_SCALE="0.5",
+    )
+    # Right after its start, the new process has counted only what it did itself.
+    assert sum(n for n, _ in done_by_type(urls[1]).values()) < 1000
+    assert producer.wait(60) == 0
+    db = db_done_by_type(bundle.db_url)
+    ledgers = [consumer_ledger(consumers[0].log()), consumer_ledger(old.log(), restarted.log())]
+    together = consumer_ledger(consumers[0].log(), old.log(), restarted.log())
+    assert compare(together, bundle.db_url) == (0, set(), set())
+    for url, ledger in zip(urls, ledgers, strict=True):
+        assert done_by_type(url) == ledger.processes[-1].by_type
+        wait_until(lambda u=url: lifetime_by_type(u) == db, 10, f"lifetime gauges on {url}")
+    # The processes' counters plus what the stopped one counted equal the database.
+    summed = [sum(n for n, _ in done_by_type(u).values()) for u in urls]
+    stopped = sum(n for n, _ in ledgers[1].processes[0].by_type.values())
+    assert sum(summed) + stopped == sum(n for n, _ in db.values())
+    for c in (consumers[0], restarted):
+        c.terminate()
+        assert c.wait(20) == 0

@@ -51,6 +51,15 @@ METRICS = {
     "consumer_db_batch_size_bucket",
     "grpc_server_handled_total",
     "grpc_server_handling_seconds_bucket",
+    "tasks_done_in_db",
+    "tasks_value_sum_in_db",
+    "tasks_retention_seconds",
+    "tasks_partitions",
+    "tasks_partitions_ahead",
+    "tasks_oldest_done_age_seconds",
+    "tasks_partitions_dropped_total",
+    "tasks_retention_removed_total",
+    "tasks_maintenance_seconds_bucket",
 }
 PROMQL_WORDS = {
     "by",
@@ -151,8 +160,10 @@ def test_panels_cover_the_observability_issue() -> None:
     joined = "\n".join(exprs())
     for needle in (
         "max by (state) (tasks_in_state)",
-        "sum by (type) (tasks_value_sum_total)",
-        "sum by (type) (tasks_done_total)",
+        "max by (type) (tasks_value_sum_in_db)",
+        "max by (type) (tasks_done_in_db)",
+        "tasks_oldest_done_age_seconds",
+        "tasks_partitions_ahead",
         "rate(tasks_produced_total[1m])",
         "sum(rate(tasks_done_total[1m]))",
         "tasks_rejected_total",

@@ -1,0 +1,99 @@
+"""Independent accounts of what happened, to hold against the database (the truth).
+
+A consumer's log is a ledger of its own: one `task_done` line per task it moved to
+done, and a `consumer_started` line at each start. Its counters start at zero in each
+process, so the last process's counters must equal that process's own lines, and the
+lines of all processes together must name every done task exactly once."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tests.conftest import sql
+
+
+@dataclass
+class ProcessLedger:
+    ids: list[int] = field(default_factory=list)
+    by_type: dict[int, tuple[int, int]] = field(default_factory=dict)
+    last_sums: dict[int, int] = field(default_factory=dict)
+
+    def add(self, task_id: int, t: int, value: int, type_sum: int) -> None:
+        self.ids.append(task_id)
+        n, s = self.by_type.get(t, (0, 0))
+        self.by_type[t] = (n + 1, s + value)
+        self.last_sums[t] = type_sum
+
+
+@dataclass
+class ConsumerLedger:
+    processes: list[ProcessLedger]
+
+    @property
+    def starts(self) -> int:
+        return len(self.processes)
+
+    def ids(self) -> Counter[int]:
+        return Counter(i for p in self.processes for i in p.ids)
+
+    def last_sums(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for p in self.processes:
+            out.update(p.last_sums)
+        return out
+
+
+def _kv(line: str) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in line.split() if "=" in p)
+
+
+def consumer_ledger(*logs: str) -> ConsumerLedger:
+    """Parse one or more consumer logs (each may span several processes, as a log that
+    supervisor appends to does): a new process at each `consumer_started`."""
+    processes: list[ProcessLedger] = []
+    for log in logs:
+        for line in log.splitlines():
+            if " consumer_started " in line:
+                processes.append(ProcessLedger())
+            elif " task_done " in line:
+                kv = _kv(line)
+                if not processes:  # a log cut before its start line
+                    processes.append(ProcessLedger())
+                processes[-1].add(
+                    int(kv["id"]), int(kv["type"]), int(kv["value"]), int(kv["type_sum"])
+                )
+    return ConsumerLedger(processes)
+
+
+def done_ids(db_url: str) -> set[int]:
+    return {int(r[0]) for r in sql(db_url, "SELECT id FROM tasks WHERE state = 'done'")}  # type: ignore[call-overload]
+
+
+def compare(ledger: ConsumerLedger, db_url: str) -> tuple[int, set[int], set[int]]:
+    """(double-logged tasks, done tasks never logged, logged tasks not done)."""
+    logged = ledger.ids()
+    done = done_ids(db_url)
+    double = sum(n - 1 for n in logged.values() if n > 1)
+    return double, done - logged.keys(), logged.keys() - done
+
+
+KILL_WINDOW_S = 0.5  # a SIGKILL between a commit and its log write loses those lines
+
+
+def unlogged_outside_kills(db_url: str, unlogged: set[int], kills: list[float]) -> list[int]:
+    """Of the done tasks no log names, those not explained by a SIGKILL: a process killed
+    right after its `done` commit never writes those lines (no log can be in the same
+    transaction), so a task may go unlogged only if it was done just before a kill."""
+    if not unlogged:
+        return []
+    rows = sql(
+        db_url,
+        "SELECT id, last_update_time FROM tasks WHERE id = ANY(%s)",
+        (sorted(unlogged),),
+    )
+    return [
+        int(i)  # type: ignore[call-overload]
+        for i, t in rows
+        if not any(k - KILL_WINDOW_S <= float(t) <= k + 0.05 for k in kills)  # type: ignore[arg-type]
+    ]
