@@ -119,14 +119,17 @@ bench: $(STAMP) ## benchmark a private bundle: tasks/s, latency, CPU/1k, ceiling
 	@mkdir -p profiles
 	$(BIN)/python -m loadtest.bench --consumers $(CONSUMERS) --producers $(PRODUCERS) $(BENCH_ARGS)
 
-# Not in CI: ten minutes at about half the maximum rate; memory growth and latency.
+# Not in CI: SOAK_MINUTES at about half the max rate, with retention short enough to run
+# many times; a row per minute as it ends, then first-5 vs last-5-minute ratios.
 SOAK_RATE ?= 35000
-SOAK_SECONDS ?= 600
+SOAK_MINUTES ?= 10
+SOAK_RETENTION ?= 3m
 .PHONY: soak
-soak: $(STAMP) ## 10-minute soak at ~half the max rate: RSS growth and p99 (SOAK_RATE, SOAK_SECONDS)
+soak: $(STAMP) ## soak at ~half the max rate, a row per minute (SOAK_MINUTES, SOAK_RATE, SOAK_RETENTION)
 	@mkdir -p profiles
-	$(BIN)/python -m loadtest.bench --workloads default --seconds $(SOAK_SECONDS) --warmup 30 \
-		--rpc-seconds 0 --ceiling-seconds 0 --set PRODUCER_RATE=$(SOAK_RATE) $(BENCH_ARGS)
+	$(BIN)/python -m loadtest.bench --workloads default --seconds $$(( $(SOAK_MINUTES) * 60 )) \
+		--warmup 30 --rpc-seconds 0 --ceiling-seconds 0 --minute-rows \
+		--set PRODUCER_RATE=$(SOAK_RATE) --set TASKS_RETENTION=$(SOAK_RETENTION) $(BENCH_ARGS)
 
 # --- observability: Prometheus and Grafana ---------------------------------------------
 .PHONY: prometheus

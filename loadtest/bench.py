@@ -49,6 +49,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.ports import free_port
+from daemons.bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -277,7 +278,8 @@ def clean_env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("PRODUCER_", "CONSUMER_", "LOCALDB_")) and k != "DATABASE_URL"
+        if not k.startswith(("PRODUCER_", "CONSUMER_", "LOCALDB_", "TASKS_"))
+        and k != "DATABASE_URL"
     }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -287,31 +289,15 @@ def clean_env() -> dict[str, str]:
 
 
 def cpu_of(pid: int) -> float:
-    import psutil
+    from daemons.bench.cpu import cpu_of as of
 
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return float(t.user + t.system)
-    except psutil.Error:
-        return 0.0
+    return of(pid)
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process tree: live processes plus children already reaped (their
-    whole lifetime, through the parent's children_* times), so deltas are exact."""
-    import psutil
+    from daemons.bench.cpu import tree_cpu as tree
 
-    try:
-        root = psutil.Process(pid)
-        t = root.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in root.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                c = child.cpu_times()
-                total += c.user + c.system
-        return float(total)
-    except psutil.Error:
-        return 0.0
+    return tree(pid)
 
 
 def system_busy() -> float:
@@ -469,48 +455,110 @@ def series(conn: Any, start: float, end: float) -> list[tuple[int, int, float, f
     return [(int(s), int(n), float(p[0]) * 1000, float(p[1]) * 1000) for s, n, p in rows]
 
 
-def ceiling(url: str, seconds: float, pg_pid: int) -> dict[str, Any]:
-    """The same three writes as the pipeline, from one Python process with psycopg, in
-    batches of 1,000, one autocommit statement each (as the daemons' pool does)."""
-    import random
+SOAK_EDGE_MINUTES = 5  # first 5 vs last 5 minutes
+SHARED_SETTINGS = ("TASKS_RETENTION",)  # read by both daemons under one name
 
+
+class MinuteRows:
+    """During the window, one row per minute, printed as the minute ends (an hour-long
+    soak shows its progress): tasks/s, p99 beyond each task's own work, PostgreSQL CPU
+    per 1,000 tasks, database size on disk, and the done partitions stored."""
+
+    def __init__(
+        self,
+        conn: Any,
+        pg_pid: int,
+        work_scale: float,
+        t0: float,
+        m0: float,
+        out: list[dict[str, Any]],
+        progress: Progress,
+        every_s: float = 60.0,
+    ) -> None:
+        self.conn, self.pg_pid, self.work_scale = conn, pg_pid, work_scale
+        self.out, self.progress = out, progress
+        self.every_s = every_s
+        self.start_wall, self.next_at = t0, m0 + every_s
+        self.cpu = tree_cpu(pg_pid)
+
+    def maybe(self, now: float) -> None:
+        if now < self.next_at:
+            return
+        self.next_at += self.every_s
+        end = time.time()
+        cpu = tree_cpu(self.pg_pid)
+        done, _, beyond = percentiles(self.conn, self.start_wall, end, self.work_scale)
+        size, parts = self.conn.execute(
+            "SELECT pg_database_size(current_database()),"
+            " (SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks_done'::regclass)"
+        ).fetchone()
+        row = {
+            "minute": len(self.out) + 1,
+            "tasks_per_s": done / max(end - self.start_wall, 1e-6),
+            "p99_beyond_work_ms": beyond,
+            "pg_cpu_s_per_1k": (cpu - self.cpu) / max(done / 1000, 1e-6),
+            "db_size_mb": int(size) / 2**20,
+            "partitions": int(parts),
+        }
+        self.out.append(row)
+        self.start_wall, self.cpu = end, cpu
+        self.progress.done()
+        if row["minute"] == 1:
+            print(MINUTE_HEAD, file=sys.stderr)
+        print(minute_line(row), file=sys.stderr, flush=True)
+
+
+MINUTE_HEAD = (
+    f"{'minute':>6} {'tasks/s':>9} {'p99>work ms':>11} {'pg s/1k':>8} {'db MB':>8} {'parts':>5}"
+)
+
+
+def minute_line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['minute']:6d} {row['tasks_per_s']:9,.0f} {row['p99_beyond_work_ms']:11.1f}"
+        f" {row['pg_cpu_s_per_1k']:8.4f} {row['db_size_mb']:8.0f} {row['partitions']:5d}"
+    )
+
+
+def first_vs_last(minutes: list[dict[str, Any]], n: int = SOAK_EDGE_MINUTES) -> dict[str, Any]:
+    """Mean of the first n minutes against the last n, and last / first, per figure."""
+    n = max(1, min(n, len(minutes) // 2 or 1))
+    out: dict[str, Any] = {"minutes_each": n}
+    for key in ("tasks_per_s", "p99_beyond_work_ms", "pg_cpu_s_per_1k", "db_size_mb"):
+        first = statistics.fmean(m[key] for m in minutes[:n])
+        last = statistics.fmean(m[key] for m in minutes[-n:])
+        out[key] = {"first": first, "last": last, "ratio": last / first if first else None}
+    return out
+
+
+def ceiling(url: str, seconds: float, pg_pid: int) -> dict[str, Any]:
+    """The yardstick: the pipeline's three writes (insert, -> processing, -> done) from
+    one Python process with psycopg, in batches of 1,000, one autocommit statement each,
+    on a plain table (primary key only, no trigger) in a schema of its own on the same
+    server. Our own schema can change; this must not, or the ratio means nothing."""
     import psycopg
 
-    from daemons.store import q
-
-    def one_batch(conn: Any) -> int:
-        n = CEILING_BATCH
-        now = time.time()
-        rows = conn.execute(
-            q("insert_batch"),
-            {
-                "types": [random.randrange(10) for _ in range(n)],
-                "values": [random.randrange(100) for _ in range(n)],
-                "creation_times": [now] * n,
-                "state": "received",
-                "now": now,
-            },
-        ).fetchall()
-        ids = [r[0] for r in rows]
-        rows = conn.execute(q("mark_processing"), {"ids": ids, "now": time.time()}).fetchall()
-        rows = conn.execute(q("mark_done"), {"ids": ids, "now": time.time()}).fetchall()
-        return len(rows)
+    from daemons.bench.layouts import PLAIN, measure
 
     with psycopg.connect(url, autocommit=True) as conn:
-        for _ in range(5):  # warm: the statements get prepared, as in the daemons
-            one_batch(conn)
+        conn.execute("DROP SCHEMA IF EXISTS ceiling CASCADE")
+        conn.execute("CREATE SCHEMA ceiling")
+        conn.execute("SET search_path = ceiling")
+        for statement in PLAIN.split(";"):
+            conn.execute(statement)  # type: ignore[call-overload]
         before = CpuSnapshot.take({}, {"postgres": pg_pid})
         t0 = time.monotonic()
-        done = 0
-        while time.monotonic() - t0 < seconds:
-            done += one_batch(conn)
+        tasks_per_s, _ = measure(conn, seconds, pg_pid, vacuum=False)
         elapsed = time.monotonic() - t0
         cpu = CpuSnapshot.take({}, {"postgres": pg_pid}).minus(before)
+        conn.execute("DROP SCHEMA ceiling CASCADE")
+    done = tasks_per_s * elapsed
     k = max(done, 1) / 1000
     return {
-        "tasks_per_s": done / elapsed,
-        "tasks": done,
+        "tasks_per_s": tasks_per_s,
+        "tasks": int(done),
         "batch": CEILING_BATCH,
+        "table": "plain (primary key only, no trigger)",
         "seconds": round(elapsed, 2),
         "cpu_s_per_1k": {"python": cpu["bench"] / k, "postgres": cpu["postgres"] / k},
     }
@@ -539,6 +587,8 @@ class Options:
     consumers: int = 1
     producers: int = 1
     half_rate: bool = True
+    minute_rows: bool = False
+    row_seconds: float = 60.0
 
 
 def daemon_env(cluster: Cluster, url: str, extra: dict[str, str]) -> dict[str, str]:
@@ -622,10 +672,16 @@ def run_workload(
             counts = [scrape_done(p) for p in ports]
             return None if None in counts else sum(c for c in counts if c is not None)
 
-        def tick(phase: str, until: float, t_start: float) -> None:
+        minutes: list[dict[str, Any]] = []
+
+        def tick(
+            phase: str, until: float, t_start: float, every_minute: MinuteRows | None = None
+        ) -> None:
             last_n, last_t = scrape_all(), time.monotonic()
             while True:
                 now = time.monotonic()
+                if every_minute is not None:
+                    every_minute.maybe(now)
                 if now >= until:
                     return
                 time.sleep(min(1.0, until - now))
@@ -662,7 +718,12 @@ def run_workload(
         rss_start = {"producer": rss_mb(producer.pid), "consumer": rss_mb(consumer.pid)}
         t0 = time.time()
         m0 = time.monotonic()
-        tick("measure", m0 + opts.seconds, m0)
+        rows = (
+            MinuteRows(conn, pg_pid, work_scale, t0, m0, minutes, progress, opts.row_seconds)
+            if opts.minute_rows
+            else None
+        )
+        tick("measure", m0 + opts.seconds, m0, rows)
         t1 = time.time()
         # Memory growth over the window (the soak's figure): RSS at its end vs its start.
         rss_growth = {
@@ -702,7 +763,8 @@ def run_workload(
         ):
             time.sleep(0.2)
         counted = sum(scrape_done(p) or 0 for p in ports)
-        db_done = conn.execute("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
+        # Lifetime done (the rollup): retention may have removed rows in the meantime.
+        db_done = int(conn.execute("SELECT sum(done) FROM task_totals").fetchone()[0])
         exit_codes.update(
             {
                 name: stop(d.popen, signal.SIGTERM, STOP_TIMEOUT_S)
@@ -760,6 +822,9 @@ def run_workload(
     }
     if statements:
         result["postgres"]["statements"] = statements
+    if minutes:
+        result["minutes"] = minutes
+        result["minutes_first_vs_last"] = first_vs_last(minutes)
     if spies:
         result["profile"] = summarize_profiles(spies, opts.seconds, workload, stamp)
     if opts.ceiling_seconds > 0 and not label:
@@ -1031,7 +1096,7 @@ def fmt_table(result: dict[str, Any]) -> str:
     row("pg WAL bytes / task (approx)", lambda w: f"{w['postgres']['wal_bytes_per_task']:.0f}")
     if any("ceiling" in wls[n] for n in names):
         row(
-            "ceiling tasks/s (psycopg, 1k)",
+            "ceiling tasks/s (plain table, 1k)",
             lambda w: f"{w['ceiling']['tasks_per_s']:,.0f}" if "ceiling" in w else "-",
         )
         row(
@@ -1070,6 +1135,17 @@ def fmt_table(result: dict[str, Any]) -> str:
                 f"{st['query']}"
                 for st in stmts
             ]
+    for name in names:
+        minutes = wls[name].get("minutes")
+        if minutes:
+            lines += ["", f"per minute, workload {name}:", MINUTE_HEAD]
+            lines += [minute_line(m) for m in minutes]
+            edge = wls[name]["minutes_first_vs_last"]
+            lines.append(f"first {edge['minutes_each']} min vs last {edge['minutes_each']} min:")
+            for key, v in edge.items():
+                if key != "minutes_each":
+                    ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
+                    lines.append(f"  {key:20} {v['first']:10.4g} -> {v['last']:10.4g}  {ratio}")
     rpc = result.get("rpc")
     if rpc:
         lat = rpc["latency_ms"]
@@ -1177,6 +1253,22 @@ def workload_html(name: str, w: dict[str, Any]) -> str:
             f"; ceiling {w['ceiling']['tasks_per_s']:,.0f} tasks/s "
             f"(ours {w['ratio_to_ceiling'] * 100:.1f} %)"
         )
+    per_minute = ""
+    if w.get("minutes"):
+        ms = w["minutes"]
+
+        def mline(key: str) -> list[tuple[float, float]]:
+            return [(float(m["minute"]), float(m[key])) for m in ms]
+
+        per_minute = "".join(
+            "<br>" + line_chart(title, unit, [(label, color, mline(key))], 0)
+            for title, unit, label, color, key in (
+                ("tasks/s per minute", "tasks/s", "done/s", "#1f77b4", "tasks_per_s"),
+                ("p99 beyond the work, per minute", "ms", "p99", "#d62728", "p99_beyond_work_ms"),
+                ("PostgreSQL CPU per 1,000 tasks", "s", "pg", "#9467bd", "pg_cpu_s_per_1k"),
+                ("database size on disk", "MB", "size", "#8c564b", "db_size_mb"),
+            )
+        )
     return (
         f"<h2>workload {html.escape(name)} (CONSUMER_WORK_SCALE={w['work_scale']:g})</h2>"
         f"<p>{html.escape(summary)}</p>"
@@ -1188,6 +1280,7 @@ def workload_html(name: str, w: dict[str, Any]) -> str:
             [("p50", "#2ca02c", p50), ("p99", "#d62728", p99)],
             shade,
         )
+        + per_minute
     )
 
 
@@ -1278,6 +1371,15 @@ def parse_args(argv: list[str] | None) -> Options:
         help="after each workload, run it again at half the rate it reached (the latency"
         " target's condition); off when --set PRODUCER_RATE fixes the rate",
     )
+    p.add_argument(
+        "--minute-rows",
+        action="store_true",
+        help="print a row per minute of the window as it ends (tasks/s, p99 beyond the"
+        " work, PostgreSQL CPU per 1k, database size) and chart them (make soak)",
+    )
+    p.add_argument(
+        "--row-seconds", type=float, default=60.0, help="length of a --minute-rows row (tests)"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where charts go")
     a = p.parse_args(argv)
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip() not in ("", "none")]
@@ -1287,8 +1389,11 @@ def parse_args(argv: list[str] | None) -> Options:
     overrides = {}
     for item in a.set:
         key, sep, value = item.partition("=")
-        if not sep or not key.startswith(("PRODUCER_", "CONSUMER_")):
-            p.error(f"--set {item!r}: expected PRODUCER_*=VALUE or CONSUMER_*=VALUE")
+        if not sep or not (key.startswith(("PRODUCER_", "CONSUMER_")) or key in SHARED_SETTINGS):
+            p.error(
+                f"--set {item!r}: expected PRODUCER_*=VALUE, CONSUMER_*=VALUE or"
+                f" one of {', '.join(SHARED_SETTINGS)}"
+            )
         overrides[key] = value
     if a.seconds <= 0 or a.warmup < 0:
         p.error("--seconds must be > 0 and --warmup >= 0")
@@ -1311,6 +1416,8 @@ def parse_args(argv: list[str] | None) -> Options:
         consumers=max(1, a.consumers),
         producers=max(1, a.producers),
         half_rate=a.half_rate and "PRODUCER_RATE" not in overrides,
+        minute_rows=a.minute_rows,
+        row_seconds=a.row_seconds,
     )
 
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from daemons import localdb
-from loadtest.ports import free_port
+from daemons.bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -51,11 +51,18 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
         "8",
         "--rpc-generator",
         "python",
+        "--minute-rows",
+        "--row-seconds",
+        "0.9",
+        "--set",
+        "TASKS_RETENTION=1h",
         "--out",
         str(out),
     )
     report = report_of(run)
     assert "tasks/s end to end" in run.stdout  # the human table came first
+    # The soak's rows: printed as each ends, then in the table with first-vs-last ratios.
+    assert run.stderr.count("p99>work ms") >= 1 and "per minute, workload zero" in run.stdout
 
     zero = report["workloads"]["zero"]
     assert zero["tasks_per_s"] > 0 and zero["done_in_window"] > 0
@@ -71,6 +78,11 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
     assert zero["ceiling"]["tasks_per_s"] > 0
     assert zero["ratio_to_ceiling"] > 0
     assert zero["settings"]["CONSUMER_WORK_SCALE"] == "0"
+    assert zero["settings"]["TASKS_RETENTION"] == "1h"
+    rows = zero["minutes"]
+    assert len(rows) >= 2 and all(r["tasks_per_s"] > 0 and r["db_size_mb"] > 0 for r in rows)
+    assert all(r["partitions"] >= 1 and r["pg_cpu_s_per_1k"] > 0 for r in rows)
+    assert zero["minutes_first_vs_last"]["tasks_per_s"]["ratio"] > 0
 
     # No work: nothing to subtract from the latency.
     assert abs(zero["latency_ms"]["p99_beyond_work"] - zero["latency_ms"]["p99"]) < 0.01

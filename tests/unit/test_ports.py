@@ -3,7 +3,7 @@ cannot be given the same number as its source port before the daemon binds it.""
 
 import socket
 
-from loadtest import ports
+from daemons.bench import ports
 
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
