@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import BIN, ROOT, free_port, need, sql, stop_process
+from tests.rules import PROMETHEUS_CONF, rule_files
 
-PROMETHEUS_CONF = ROOT / "conf" / "prometheus.yml"
 DASHBOARD = ROOT / "provisioning" / "grafana" / "dashboards" / "tasks.json"
 # The targets conf/prometheus.yml scrapes (the daemons' default metrics ports).
 DEFAULT_TARGETS = {"producer": "127.0.0.1:9101", "consumer": "127.0.0.1:9102"}
@@ -255,10 +255,19 @@ class Supervisor:
                 self.popen.wait(10)
 
 
-def rule_files(config: str) -> list[str]:
-    """The `rule_files:` of a Prometheus configuration, as written (relative to it)."""
-    block = re.search(r"^rule_files:\n((?:[ \t]+- .*\n)+)", config, re.M)
-    return re.findall(r"- (\S+)", block.group(1)) if block else []
+def promtool(*args: str) -> str:
+    """Run promtool in conf/ (where the rule files name each other); fail on an error."""
+    binary = shutil.which("promtool")
+    need(binary is not None, "promtool not installed (Debian package prometheus)")
+    out = subprocess.run(
+        [str(binary), *args],
+        cwd=PROMETHEUS_CONF.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
 
 
 def render_prometheus(
@@ -278,7 +287,7 @@ def render_prometheus(
         flags=re.M,
     )
     assert n >= 1, f"{PROMETHEUS_CONF}: no scrape_interval to rewrite"
-    for name in rule_files(text):
+    for name in rule_files():
         rules = (PROMETHEUS_CONF.parent / name).read_text()
         if for_ is not None:
             rules = re.sub(r"^(\s*for:\s*)\S+", rf"\g<1>{for_}", rules, flags=re.M)

@@ -4,27 +4,17 @@ config, scraping the real daemons."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import need, states
-from tests.system.harness import PROMETHEUS_CONF, Bundle, Prometheus, dashboard_exprs, wait_until
+from tests.conftest import states
+from tests.rules import PROMETHEUS_CONF
+from tests.system.harness import Bundle, Prometheus, dashboard_exprs, promtool, wait_until
 
 
 def test_promtool_accepts_the_prometheus_config() -> None:
-    promtool = shutil.which("promtool")
-    need(promtool is not None, "promtool not installed (Debian package prometheus)")
-    out = subprocess.run(
-        [str(promtool), "check", "config", str(PROMETHEUS_CONF)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS" in out.stdout + out.stderr
+    assert "SUCCESS" in promtool("check", "config", PROMETHEUS_CONF.name)
 
 
 def test_every_dashboard_query_returns_data_from_the_real_daemons(
