@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tests.conftest import ROOT
+from tests.rules import RECORDING, expand, recorded
 
 GRAFANA = ROOT / "provisioning" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "tasks.json"
@@ -54,6 +55,8 @@ METRICS = {
     "grpc_server_handled_total",
     "grpc_server_handling_seconds_bucket",
 }
+# Series Prometheus writes itself (the state of every alert of conf/alerts.yml).
+PROMETHEUS_SERIES = {"ALERTS"}
 PROMQL_WORDS = {
     "by",
     "without",
@@ -150,7 +153,9 @@ def test_panels_fit_the_grid_without_overlapping() -> None:
 
 
 def test_panels_cover_the_observability_issue() -> None:
-    joined = "\n".join(exprs())
+    # What each query computes, with the recorded series it reads spelt out.
+    expanded = [expand(e) for e in exprs()]
+    joined = "\n".join(expanded)
     for needle in (
         "max by (state) (tasks_in_state)",
         "sum by (type) (tasks_value_sum_total)",
@@ -168,9 +173,9 @@ def test_panels_cover_the_observability_issue() -> None:
         "process_resident_memory_bytes",
     ):
         assert needle in joined, needle
-    assert any("up" in metric_names(e) for e in exprs()), "a panel shows up per job"
+    assert any("up" in metric_names(e) for e in expanded), "a panel shows up per job"
     for metric in ("task_processing_seconds_bucket", "task_latency_seconds_bucket"):
-        quantiles = [e for e in exprs() if metric in e and e.startswith("histogram_quantile(")]
+        quantiles = [e for e in expanded if metric in e and e.startswith("histogram_quantile(")]
         assert {e.split(",")[0] for e in quantiles} >= {
             "histogram_quantile(0.5",
             "histogram_quantile(0.99",
@@ -179,8 +184,28 @@ def test_panels_cover_the_observability_issue() -> None:
 
 def test_panels_use_only_exported_metrics() -> None:
     for expr in exprs():
-        unknown = metric_names(expr) - METRICS
+        unknown = metric_names(expr) - METRICS - set(recorded()) - PROMETHEUS_SERIES
         assert not unknown, (expr, unknown)
+
+
+def test_panels_read_the_recorded_series_instead_of_computing_them_again() -> None:
+    """What conf/recording.yml records, the panels read from there, so a panel and the
+    alert about the same thing show the same number."""
+    used = set().union(*(metric_names(e) for e in exprs()))
+    for name, expr in recorded().items():
+        assert name in used, f"{RECORDING.name}: {name} is on no panel"
+        for panel_expr in exprs():
+            assert expr not in panel_expr, f"read {name} instead of {panel_expr}"
+
+
+def test_the_last_panel_lists_the_firing_alerts() -> None:
+    panels = dashboard()["panels"]
+    last = panels[-1]
+    assert last["title"] == "Firing alerts" and last["type"] == "table"
+    assert [t["expr"] for t in last["targets"]] == ['ALERTS{alertstate="firing"}']
+    assert last["targets"][0]["instant"] and last["targets"][0]["format"] == "table"
+    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels[:-1])
+    assert (last["gridPos"]["x"], last["gridPos"]["y"], last["gridPos"]["w"]) == (0, bottom, 24)
 
 
 def test_metric_name_extraction() -> None:
