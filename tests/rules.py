@@ -1,7 +1,8 @@
 """The Prometheus rule files of conf/, read without a YAML parser (the venv has none):
 they keep to one shape (`- alert:` / `- record:` items with plain, quoted, `|` or `>-`
-values), which is all this reads. promtool reads them for real in
-tests/system/test_alerts.py. Shared by the unit tests and the system harness."""
+values), which is all this reads; and the series a PromQL expression reads. promtool
+reads the files for real in tests/system/test_alerts.py. Shared by the unit tests and
+the system harness."""
 
 from __future__ import annotations
 
@@ -16,6 +17,26 @@ ALERTS = CONF / "alerts.yml"
 ALERTS_TEST = CONF / "alerts_test.yml"
 RUNBOOK = CONF / "runbook.md"
 PROMETHEUS_CONF = CONF / "prometheus.yml"
+# Exported by the retention feature (partitioned tasks, a maintenance loop), which lands
+# separately: its alerts are ready, and stay quiet while no daemon exports these.
+RETENTION_GAUGES = {
+    "tasks_oldest_done_age_seconds",
+    "tasks_retention_seconds",
+    "tasks_partitions_ahead",
+}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+}
 
 _KEY = re.compile(r"^(?P<indent>\s*)(?:- )?(?P<key>\w+):(?: (?P<value>.*))?$")
 
@@ -78,3 +99,17 @@ def rule_files() -> list[str]:
     """The rule_files of conf/prometheus.yml, as written (relative to conf/)."""
     block = re.search(r"^rule_files:\n((?:[ \t]+- .*\n)+)", PROMETHEUS_CONF.read_text(), re.M)
     return re.findall(r"- (\S+)", block.group(1)) if block else []
+
+
+def metric_names(expr: str) -> set[str]:
+    """The series a PromQL expression reads (not its functions, labels or keywords)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    names = set()
+    for match in re.finditer(r"[a-zA-Z_:][\w:]*", expr):
+        rest = expr[match.end() :].lstrip()
+        if not rest.startswith("(") and match.group() not in PROMQL_WORDS:
+            names.add(match.group())
+    return names

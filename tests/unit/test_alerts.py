@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import re
 
-from tests.rules import ALERTS, ALERTS_TEST, RECORDING, RUNBOOK, recorded, rule_files, rules
-from tests.unit.test_dashboard import METRICS, metric_names
+from tests.rules import (
+    ALERTS,
+    ALERTS_TEST,
+    RECORDING,
+    RETENTION_GAUGES,
+    RUNBOOK,
+    metric_names,
+    recorded,
+    rule_files,
+    rules,
+)
+from tests.unit.test_dashboard import METRICS
 
 SEVERITIES = {"page", "ticket"}
-# Exported by the retention feature (partitioned tasks, a maintenance loop), which lands
-# separately: its alerts are ready, and stay quiet while no daemon exports these.
-RETENTION_GAUGES = {
-    "tasks_oldest_done_age_seconds",
-    "tasks_retention_seconds",
-    "tasks_partitions_ahead",
-}
 RUNBOOK_PARTS = ("**Means.**", "**Confirm.**", "**Do.**", "**Resolves**")
 
 

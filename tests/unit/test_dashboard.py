@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tests.conftest import ROOT
-from tests.rules import RECORDING, expand, recorded
+from tests.rules import RECORDING, expand, metric_names, recorded
 
 GRAFANA = ROOT / "provisioning" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "tasks.json"
@@ -57,19 +57,6 @@ METRICS = {
 }
 # Series Prometheus writes itself (the state of every alert of conf/alerts.yml).
 PROMETHEUS_SERIES = {"ALERTS"}
-PROMQL_WORDS = {
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "bool",
-    "and",
-    "or",
-    "unless",
-    "offset",
-}
 
 
 def yaml_values(text: str, key: str) -> list[str]:
@@ -100,19 +87,6 @@ def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def exprs() -> list[str]:
     return [t["expr"] for p in all_panels(dashboard()["panels"]) for t in p.get("targets", [])]
-
-
-def metric_names(expr: str) -> set[str]:
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
-    expr = re.sub(r"\{[^}]*\}", "", expr)  # matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    names = set()
-    for match in re.finditer(r"[a-zA-Z_:][\w:]*", expr):
-        rest = expr[match.end() :].lstrip()
-        if not rest.startswith("(") and match.group() not in PROMQL_WORDS:
-            names.add(match.group())
-    return names
 
 
 def test_datasource_is_the_default_prometheus_with_a_fixed_uid() -> None:
