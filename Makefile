@@ -134,8 +134,8 @@ soak: $(STAMP) ## soak at ~half the max rate, a row per minute (SOAK_MINUTES, SO
 # --- observability: Prometheus and Grafana ---------------------------------------------
 .PHONY: prometheus
 
-prometheus: ## print the URL of the Prometheus that `make run` runs (conf/prometheus.yml)
-	@echo http://127.0.0.1:9090
+prometheus: $(STAMP) ## the URL of the Prometheus `make run` runs, its rules loaded, alerts firing
+	@$(BIN)/python -m daemons.bundle prometheus
 
 # --- load and profile -----------------------------------------------------------------
 # Locust against the running consumer; live profiles of a running daemon by pid (from

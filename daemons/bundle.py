@@ -3,6 +3,7 @@
 python -m daemons.bundle write-conf     write .venv/etc/supervisord.conf
 python -m daemons.bundle db-url         print the database URL the bundle uses
 python -m daemons.bundle wait-flowing   wait until tasks reach `done`
+python -m daemons.bundle prometheus     its URL, the rules it loaded, the alerts firing
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import asyncio
 import json
 import sys
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from shutil import which
+from typing import Any
 
 from daemons import logs
 from daemons.errors import DaemonError
@@ -21,6 +25,7 @@ from daemons.settings import _Common, load, mask
 from daemons.store import Store
 
 ROOT = Path.cwd()
+PROMETHEUS_URL = "http://127.0.0.1:9090"  # conf/prometheus.conf
 
 
 class BundleSettings(_Common):
@@ -61,6 +66,50 @@ def write_scrape_targets(directory: Path, consumers: int, producers: int) -> Non
         (directory / f"extra-{job}s.json").write_text(json.dumps(doc) + "\n")
 
 
+def describe_prometheus(
+    url: str, groups: list[dict[str, Any]], alerts: list[dict[str, Any]]
+) -> str:
+    """What `make prometheus` prints: the URL, the rule groups loaded (from
+    /api/v1/rules), the rules that fail to evaluate, and the alerts (/api/v1/alerts)."""
+    rules = [rule for group in groups for rule in group["rules"]]
+    kinds = Counter(rule["type"] for rule in rules)
+    files = sorted({Path(group["file"]).name for group in groups})
+    lines = [
+        url,
+        f"rules: {len(groups)} groups from {', '.join(files) or 'no file'}: "
+        f"{kinds['alerting']} alerting, {kinds['recording']} recording",
+    ]
+    failing = [rule["name"] for rule in rules if rule.get("health") == "err"]
+    if failing:
+        lines.append("rules failing to evaluate: " + ", ".join(failing))
+    for state in ("firing", "pending"):
+        named = sorted(_alert(a["labels"]) for a in alerts if a["state"] == state)
+        lines.append(f"{state}: " + ("; ".join(named) or "none"))
+    return "\n".join(lines)
+
+
+def _alert(labels: dict[str, str]) -> str:
+    """An alert as its name, then its job, instance and other labels' values."""
+    first = ("alertname", "job", "instance")
+    rest = sorted(k for k in labels if k not in (*first, "severity"))
+    return " ".join(labels[k] for k in (*first, *rest) if k in labels)
+
+
+def prometheus_status(url: str, timeout_s: float = 3.0) -> str:
+    """describe_prometheus() of the server at `url`, or that it does not answer."""
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(url + path, timeout=timeout_s) as resp:
+            return json.loads(resp.read())["data"]
+
+    try:
+        return describe_prometheus(
+            url, get("/api/v1/rules")["groups"], get("/api/v1/alerts")["alerts"]
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        return f"{url}\nnot answering ({exc}); make run starts it when prometheus is on PATH"
+
+
 async def _wait_flowing(dsn: str, want: int, timeout_s: float) -> int:
     store = Store(dsn, pool_size=1, name="bundle")
     await store.open(timeout_s)
@@ -89,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     wait = sub.add_parser("wait-flowing")
     wait.add_argument("--tasks", type=int, default=10)
     wait.add_argument("--timeout", type=float, default=120.0)
+    prom = sub.add_parser("prometheus", help="the Prometheus of make run: rules and alerts")
+    prom.add_argument("--url", default=PROMETHEUS_URL)
     args = parser.parse_args(argv)
     try:
         settings = load(BundleSettings)
@@ -111,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(consumer_target(args.consumers))
         elif args.cmd == "db-url":
             print(settings.dsn())
+        elif args.cmd == "prometheus":
+            print(prometheus_status(args.url))
         else:
             n = asyncio.run(_wait_flowing(settings.dsn(), args.tasks, args.timeout))
             print(f"tasks flowing: {n} reached done on {mask('URL', settings.dsn())}")

@@ -61,6 +61,7 @@ class ConsumerApp:
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        metrics.consumer_serving.set(status == health_pb2.HealthCheckResponse.SERVING)
 
     async def run(self) -> int:
         s = self.settings
@@ -132,6 +133,7 @@ class ConsumerApp:
         log.info("consumer_draining", extra=fields(in_flight=in_flight, timeout_s=s.drain_timeout))
         # Health first, so balancers stop sending before the port closes.
         await self.health.enter_graceful_shutdown()
+        metrics.consumer_serving.set(0)
         self.engine.draining = True
         await server.stop(RPC_GRACE_S)
         if self.lifecycle.failure is None:

@@ -53,6 +53,8 @@ task_processing_seconds = Histogram(
 task_latency_seconds = Histogram(
     "task_latency_seconds", "Creation to done, per task", buckets=LATENCY_BUCKETS
 )
+# The health service's state as a number, for alerts: Prometheus cannot ask grpc.health.
+consumer_serving = Gauge("consumer_serving", "1 while gRPC health is SERVING, 0 while NOT_SERVING")
 consumer_db_batch_size = Histogram(
     "consumer_db_batch_size",
     "Rows per state-transition statement",

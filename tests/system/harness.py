@@ -6,17 +6,25 @@ own conf/supervisord.conf, for system tests.
     producer = bundle.producer(PRODUCER_RATE="500")
     wait_until(lambda: states(db_url)["done"] >= 100, 30, "tasks done")
     producer.terminate(); assert producer.wait(10) == 0
+
+and a real Prometheus on the bundle's own conf/prometheus.yml, scraping those daemons:
+
+    with Prometheus(bundle, tmp_path) as prom:
+        prom.query("up")
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +32,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import BIN, ROOT, free_port, sql
+from tests.conftest import BIN, ROOT, free_port, need, sql, stop_process
+from tests.rules import PROMETHEUS_CONF, rule_files
+
+DASHBOARD = ROOT / "provisioning" / "grafana" / "dashboards" / "tasks.json"
+# The targets conf/prometheus.yml scrapes (the daemons' default metrics ports).
+DEFAULT_TARGETS = {"producer": "127.0.0.1:9101", "consumer": "127.0.0.1:9102"}
 
 
 def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
@@ -299,3 +312,141 @@ def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def promtool(*args: str) -> str:
+    """Run promtool in conf/ (where the rule files name each other); fail on an error."""
+    binary = shutil.which("promtool")
+    need(binary is not None, "promtool not installed (Debian package prometheus)")
+    out = subprocess.run(
+        [str(binary), *args],
+        cwd=PROMETHEUS_CONF.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def render_prometheus(
+    directory: Path, targets: dict[str, str], interval: str, for_: str | None = None
+) -> Path:
+    """conf/prometheus.yml with its targets and intervals replaced, nothing else, written
+    into `directory` next to copies of the rule files it names (so that they resolve as
+    in conf/). With `for_`, every alert's `for:` becomes that, so a test waits seconds."""
+    text = PROMETHEUS_CONF.read_text()
+    for job, default in DEFAULT_TARGETS.items():
+        assert text.count(f'"{default}"') == 1, f"{PROMETHEUS_CONF}: one target for {job}"
+        text = text.replace(f'"{default}"', f'"{targets[job]}"')
+    text, n = re.subn(
+        r"^(\s*(?:scrape_interval|evaluation_interval):\s*)\S+",
+        rf"\g<1>{interval}",
+        text,
+        flags=re.M,
+    )
+    assert n >= 1, f"{PROMETHEUS_CONF}: no scrape_interval to rewrite"
+    for name in rule_files():
+        rules = (PROMETHEUS_CONF.parent / name).read_text()
+        if for_ is not None:
+            rules = re.sub(r"^(\s*for:\s*)\S+", rf"\g<1>{for_}", rules, flags=re.M)
+        (directory / name).write_text(rules)
+    config = directory / "prometheus.yml"
+    config.write_text(text)
+    return config
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, expr) for every target of every panel of the Tasks dashboard."""
+    out: list[tuple[str, str]] = []
+    stack = list(json.loads(DASHBOARD.read_text())["panels"])
+    while stack:
+        panel = stack.pop(0)
+        stack.extend(panel.get("panels", []))  # rows
+        out.extend((panel["title"], t["expr"]) for t in panel.get("targets", []))
+    return out
+
+
+class Prometheus:
+    """A real Prometheus server on conf/prometheus.yml rendered for a Bundle's ports
+    (render_prometheus), in `workdir`, and its HTTP API. Started, it is ready and scrapes
+    both daemons; `with` stops it."""
+
+    def __init__(
+        self, bundle: Bundle, workdir: Path, interval: str = "1s", for_: str | None = None
+    ) -> None:
+        binary = shutil.which("prometheus")
+        need(binary is not None, "prometheus not installed (Debian package prometheus)")
+        targets = {
+            job: f"127.0.0.1:{bundle.ports[job.upper() + '_METRICS_PORT']}"
+            for job in DEFAULT_TARGETS
+        }
+        config = render_prometheus(workdir, targets, interval, for_)
+        self.log_path = workdir / "prometheus.log"
+        self._log = open(self.log_path, "wb")  # closed in close()
+        self.base = f"http://127.0.0.1:{free_port()}"
+        self.popen = subprocess.Popen(
+            [
+                str(binary),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+                f"--web.listen-address={self.base.removeprefix('http://')}",
+            ],
+            cwd=workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(
+                lambda: self.popen.poll() is not None or self.ready(),
+                20,
+                "prometheus ready",
+                every_s=0.2,
+            )
+            assert self.popen.poll() is None, self.log_path.read_text()[-3000:]
+            wait_until(
+                lambda: self.targets_up() == {"producer": "up", "consumer": "up"},
+                15,
+                "both targets up",
+                every_s=0.25,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Prometheus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        stop_process(self.popen, 15)
+        self._log.close()
+
+    def get(self, path: str, **params: str) -> Any:
+        url = f"{self.base}{path}" + ("?" + urllib.parse.urlencode(params) if params else "")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            body = err.read().decode(errors="replace")
+            if err.code == 400:  # bad_data: the query itself is wrong, waiting won't help
+                raise AssertionError(f"{path} {params}: {body}") from None
+            raise
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base}/-/ready", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        reply = self.get("/api/v1/query", query=expr)
+        assert reply["status"] == "success", reply
+        return reply["data"]["result"]  # type: ignore[no-any-return]
+
+    def targets_up(self) -> dict[str, str]:
+        active = self.get("/api/v1/targets", state="active")["data"]["activeTargets"]
+        return {t["labels"]["job"]: t["health"] for t in active}

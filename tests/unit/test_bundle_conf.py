@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 from supervisor.options import ServerOptions
 
-from daemons.bundle import consumer_target, supervisor_conf, write_scrape_targets
+from daemons.bundle import (
+    consumer_target,
+    describe_prometheus,
+    supervisor_conf,
+    write_scrape_targets,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,3 +65,34 @@ def test_targets_for_several_consumers(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "extra-consumers.json").read_text())
     assert doc == [{"targets": ["127.0.0.1:9112", "127.0.0.1:9122"], "labels": {}}]
     assert json.loads((tmp_path / "extra-producers.json").read_text()) == []
+
+
+def test_make_prometheus_describes_the_rules_and_alerts() -> None:
+    groups = [
+        {"file": "/x/conf/recording.yml", "rules": [{"type": "recording", "name": "a:b:c"}] * 5},
+        {
+            "file": "/x/conf/alerts.yml",
+            "rules": [
+                {"type": "alerting", "name": "DaemonDown", "health": "ok"},
+                {"type": "alerting", "name": "TasksStuck", "health": "err"},
+            ],
+        },
+    ]
+    alert = {"alertname": "DaemonDown", "severity": "page", "job": "consumer", "instance": "i:1"}
+    alerts = [
+        {"labels": alert, "state": "firing"},
+        {"labels": {**alert, "job": "producer"}, "state": "firing"},
+        {"labels": {"alertname": "TasksStuck", "severity": "page"}, "state": "pending"},
+    ]
+    assert describe_prometheus("http://p", groups, alerts).splitlines() == [
+        "http://p",
+        "rules: 2 groups from alerts.yml, recording.yml: 2 alerting, 5 recording",
+        "rules failing to evaluate: TasksStuck",
+        "firing: DaemonDown consumer i:1; DaemonDown producer i:1",
+        "pending: TasksStuck",
+    ]
+    assert describe_prometheus("http://p", [], []).splitlines()[1:] == [
+        "rules: 0 groups from no file: 0 alerting, 0 recording",
+        "firing: none",
+        "pending: none",
+    ]

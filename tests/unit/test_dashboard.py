@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tests.conftest import ROOT
+from tests.rules import RECORDING, expand, metric_names, recorded
 
 GRAFANA = ROOT / "provisioning" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "tasks.json"
@@ -30,6 +31,7 @@ METRICS = {
     "db_write_failing",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
+    "process_start_time_seconds",
     "tasks_produced_total",
     "producer_backlog",
     "producer_paused",
@@ -44,6 +46,7 @@ METRICS = {
     "tasks_received_total",
     "tasks_rejected_total",
     "tasks_processing",
+    "consumer_serving",
     "tasks_done_total",
     "tasks_value_sum_total",
     "task_processing_seconds_bucket",
@@ -61,19 +64,8 @@ METRICS = {
     "tasks_retention_removed_total",
     "tasks_maintenance_seconds_bucket",
 }
-PROMQL_WORDS = {
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "bool",
-    "and",
-    "or",
-    "unless",
-    "offset",
-}
+# Series Prometheus writes itself (the state of every alert of conf/alerts.yml).
+PROMETHEUS_SERIES = {"ALERTS"}
 
 
 def yaml_values(text: str, key: str) -> list[str]:
@@ -104,19 +96,6 @@ def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def exprs() -> list[str]:
     return [t["expr"] for p in all_panels(dashboard()["panels"]) for t in p.get("targets", [])]
-
-
-def metric_names(expr: str) -> set[str]:
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
-    expr = re.sub(r"\{[^}]*\}", "", expr)  # matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    names = set()
-    for match in re.finditer(r"[a-zA-Z_:][\w:]*", expr):
-        rest = expr[match.end() :].lstrip()
-        if not rest.startswith("(") and match.group() not in PROMQL_WORDS:
-            names.add(match.group())
-    return names
 
 
 def test_datasource_is_the_default_prometheus_with_a_fixed_uid() -> None:
@@ -157,7 +136,9 @@ def test_panels_fit_the_grid_without_overlapping() -> None:
 
 
 def test_panels_cover_the_observability_issue() -> None:
-    joined = "\n".join(exprs())
+    # What each query computes, with the recorded series it reads spelt out.
+    expanded = [expand(e) for e in exprs()]
+    joined = "\n".join(expanded)
     for needle in (
         "max by (state) (tasks_in_state)",
         "max by (type) (tasks_value_sum_in_db)",
@@ -177,9 +158,9 @@ def test_panels_cover_the_observability_issue() -> None:
         "process_resident_memory_bytes",
     ):
         assert needle in joined, needle
-    assert any("up" in metric_names(e) for e in exprs()), "a panel shows up per job"
+    assert any("up" in metric_names(e) for e in expanded), "a panel shows up per job"
     for metric in ("task_processing_seconds_bucket", "task_latency_seconds_bucket"):
-        quantiles = [e for e in exprs() if metric in e and e.startswith("histogram_quantile(")]
+        quantiles = [e for e in expanded if metric in e and e.startswith("histogram_quantile(")]
         assert {e.split(",")[0] for e in quantiles} >= {
             "histogram_quantile(0.5",
             "histogram_quantile(0.99",
@@ -188,8 +169,28 @@ def test_panels_cover_the_observability_issue() -> None:
 
 def test_panels_use_only_exported_metrics() -> None:
     for expr in exprs():
-        unknown = metric_names(expr) - METRICS
+        unknown = metric_names(expr) - METRICS - set(recorded()) - PROMETHEUS_SERIES
         assert not unknown, (expr, unknown)
+
+
+def test_panels_read_the_recorded_series_instead_of_computing_them_again() -> None:
+    """What conf/recording.yml records, the panels read from there, so a panel and the
+    alert about the same thing show the same number."""
+    used = set().union(*(metric_names(e) for e in exprs()))
+    for name, expr in recorded().items():
+        assert name in used, f"{RECORDING.name}: {name} is on no panel"
+        for panel_expr in exprs():
+            assert expr not in panel_expr, f"read {name} instead of {panel_expr}"
+
+
+def test_the_last_panel_lists_the_firing_alerts() -> None:
+    panels = dashboard()["panels"]
+    last = panels[-1]
+    assert last["title"] == "Firing alerts" and last["type"] == "table"
+    assert [t["expr"] for t in last["targets"]] == ['ALERTS{alertstate="firing"}']
+    assert last["targets"][0]["instant"] and last["targets"][0]["format"] == "table"
+    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels[:-1])
+    assert (last["gridPos"]["x"], last["gridPos"]["y"], last["gridPos"]["w"]) == (0, bottom, 24)
 
 
 def test_metric_name_extraction() -> None:

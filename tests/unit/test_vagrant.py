@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BIN, ROOT, need
+from tests.rules import rule_files
 
 PROV = ROOT / "provisioning"
 VM_DIR = PROV / "vm"
@@ -383,6 +384,9 @@ def test_vm_supervisor_runs_exactly_the_program_definitions_of_conf(tmp_path: Pa
     included = [Path(f) for f in main["include"]["files"].split()]
     assert included == [root / "conf" / "supervisord.conf"], "conf/supervisord.conf only"
     assert included[0].read_bytes() == (ROOT / "conf" / "supervisord.conf").read_bytes()
+    # The copy of conf/ has Prometheus' rule files too (prometheus.service reads them there).
+    for name in rule_files():
+        assert (root / "conf" / name).read_bytes() == (ROOT / "conf" / name).read_bytes()
     vm_programs: dict[str, dict[str, str]] = {}
     for path in included:
         vm_programs.update(programs(path))
@@ -479,7 +483,17 @@ def test_prometheus_in_the_vm_scrapes_the_jobs_check_waits_for() -> None:
         for path in re.findall(r'"([^"]+)"', pattern):
             resolved = os.path.normpath(f"{home}/conf/{path}")
             assert os.path.dirname(resolved) in {f"{home}/{d}" for d in created}, resolved
-    assert not re.search(r"^\s*(rule_files|scrape_config_files):", conf, re.M)
+    assert not re.search(r"^\s*scrape_config_files:", conf, re.M)
+    # The rule files: in conf/, which the VM copies whole (render-supervisor.sh), and
+    # fingerprinted by 40-prometheus.sh, so that a change restarts Prometheus.
+    rules = rule_files()
+    assert rules, "conf/prometheus.yml loads the alerts"
+    script = (PROV / "40-prometheus.sh").read_text()
+    listed = re.search(r"^RULE_FILES=\((.*?)\)", script, re.M)
+    assert listed and listed.group(1).split() == rules
+    for path in rules:
+        assert os.path.dirname(os.path.normpath(f"{home}/conf/{path}")) == f"{home}/conf", path
+        assert (ROOT / "conf" / path).is_file(), path
     if shutil.which("promtool"):
         out = subprocess.run(
             ["promtool", "check", "config", str(ROOT / "conf" / "prometheus.yml")],
