@@ -21,6 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from daemons.rpc_server import MAX_CLOCK_SKEW_S, MAX_TASK_AGE_S
@@ -124,11 +126,17 @@ def batch_refused(tasks: list[tasks_pb2.Task], now: float) -> bool:
     )
 
 
+def samples(metrics_url: str) -> list[Sample]:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
 class Live:
     """A consumer, a stub on it, and the database checks of every answer."""
 
     def __init__(self, bundle: Bundle, stub: tasks_pb2_grpc.ConsumerStub) -> None:
         self.url = bundle.db_url
+        self.metrics_url = bundle.metrics_url("consumer")
         self.stub = stub
         self.paths: Counter[str] = Counter()
 
@@ -155,6 +163,15 @@ class Live:
             S.Task(id=block.resolve(ref), type=t, value=v, creation_time=stamp_at(stamp, now))
             for ref, t, v, stamp in specs
         ]
+
+    def check_latencies(self) -> None:
+        """Every stamp the consumer took lies within a day back, so the end-to-end
+        latencies it observed do too (stamps of 1970 once added 9e9 s to the sum)."""
+        latency = {
+            s.name: s.value for s in samples(self.metrics_url) if s.name.startswith("task_latency")
+        }
+        count, total = latency["task_latency_seconds_count"], latency["task_latency_seconds_sum"]
+        assert count > 0 and 0 <= total <= count * (MAX_TASK_AGE_S + 60), latency
 
     def path(self, name: str) -> None:
         self.paths[name] += 1
@@ -258,6 +275,7 @@ def test_random_batches(live: Live) -> None:
     run()
     print(f"\npaths: {dict(live.paths)}")
     assert EVERY_PATH | {"empty batch"} <= set(live.paths), live.paths
+    live.check_latencies()
 
 
 def test_random_single_tasks(live: Live) -> None:
@@ -291,6 +309,7 @@ def test_random_single_tasks(live: Live) -> None:
     run()
     print(f"\npaths: {dict(live.paths)}")
     assert EVERY_PATH | {"no task"} <= set(live.paths), live.paths
+    live.check_latencies()
 
 
 # --- deadlines, cancellation and oversized messages, on a consumer that takes big batches
@@ -338,13 +357,9 @@ def check_whole_and_done(url: str, stamp: float, n: int, answered: bool) -> bool
 
 def unanswered_at_server(bundle: Bundle, method: str) -> float:
     """Calls of `method` the consumer's handler ended without an OK reply."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(bundle.metrics_url("consumer"), timeout=5).read().decode()
     return sum(
         sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
+        for sample in samples(bundle.metrics_url("consumer"))
         if sample.name == "grpc_server_handled_total"
         and sample.labels["method"] == method
         and sample.labels["code"] != "OK"
