@@ -184,4 +184,4 @@ producer_goroutine: producer_stacks
 .PHONY: vm_check
 
 vm_check: $(STAMP) ## check the VM without booting it: vagrant validate, shellcheck, rendered configs
-	$(BIN)/python -m pytest tests/unit/test_vagrant.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit/test_vagrant.py tests/system/test_vm_provisioning.py $(PYTEST_ARGS)

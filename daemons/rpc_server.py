@@ -4,6 +4,7 @@ that maps the exception hierarchy to status codes and records RPC metrics."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,6 +20,17 @@ from daemons.store import TRANSIENT_ERRORS
 
 TYPE_RANGE = range(10)
 VALUE_RANGE = range(100)
+# A new task's (id 0) creation_time is where its end-to-end latency starts, and a
+# histogram's sum keeps every observation: five tasks stamped 1970 once added 9e9 s to
+# task_latency_seconds_sum, and +inf or 10^12 (the year 33658) was accepted as given.
+# So a client's stamp must lie within a day back (no client holds a task it has not
+# registered yet that long) and five minutes ahead (hosts kept by NTP differ by far
+# less); 0 means unset and the consumer stamps now. A known task (id > 0) is timed from
+# the row's own creation_time, which the database returns on `processing`, so its stamp
+# only has to be a time: a task redelivered after a week-long outage is still old, and
+# still to be worked.
+MAX_TASK_AGE_S = 24 * 3600.0
+MAX_CLOCK_SKEW_S = 300.0
 
 STATUS_OF_ERROR: dict[type[DaemonError], grpc.StatusCode] = {
     InvalidTask: grpc.StatusCode.INVALID_ARGUMENT,
@@ -76,7 +88,9 @@ async def _outcome(context: grpc.aio.ServicerContext, method: str) -> AsyncItera
         metrics.rpc_server.record(method, code.name, time.perf_counter() - start)
 
 
-def to_new_task(task: tasks_pb2.Task, index: int | None = None) -> eng.NewTask:
+def to_new_task(
+    task: tasks_pb2.Task, index: int | None = None, now: float | None = None
+) -> eng.NewTask:
     where = "" if index is None else f"tasks[{index}]: "
     if task.type not in TYPE_RANGE:
         raise InvalidTask(f"{where}type {task.type} out of range 0..9")
@@ -84,17 +98,35 @@ def to_new_task(task: tasks_pb2.Task, index: int | None = None) -> eng.NewTask:
         raise InvalidTask(f"{where}value {task.value} out of range 0..99")
     if task.id < 0:
         raise InvalidTask(f"{where}id {task.id} is negative")
-    if task.creation_time < 0 or task.creation_time != task.creation_time:
-        raise InvalidTask(f"{where}creation_time {task.creation_time} is not a unix time")
+    _check_creation_time(task, where, time.time() if now is None else now)
     return eng.NewTask(task.id, task.type, task.value, task.creation_time)
 
 
-def validate_batch(tasks: Any, max_batch: int) -> list[eng.NewTask]:
+def _check_creation_time(task: tasks_pb2.Task, where: str, now: float) -> None:
+    stamp = task.creation_time
+    if task.id:
+        if not (math.isfinite(stamp) and stamp >= 0):
+            raise InvalidTask(
+                f"{where}creation_time {stamp!r} out of range: a known task's is a finite"
+                " unix time >= 0"
+            )
+        return
+    low, high = now - MAX_TASK_AGE_S, now + MAX_CLOCK_SKEW_S
+    if stamp != 0 and not low <= stamp <= high:  # NaN compares false: refused too
+        raise InvalidTask(
+            f"{where}creation_time {stamp!r} out of range: 0 (unset) or unix seconds in"
+            f" [{low:.3f}, {high:.3f}] (now - {MAX_TASK_AGE_S:.0f} s .. now +"
+            f" {MAX_CLOCK_SKEW_S:.0f} s)"
+        )
+
+
+def validate_batch(tasks: Any, max_batch: int, now: float | None = None) -> list[eng.NewTask]:
     if not tasks:
         raise InvalidTask("empty batch")
     if len(tasks) > max_batch:
         raise InvalidTask(f"batch of {len(tasks)} tasks exceeds the limit of {max_batch}")
-    out = [to_new_task(t, i) for i, t in enumerate(tasks)]
+    now = time.time() if now is None else now
+    out = [to_new_task(t, i, now) for i, t in enumerate(tasks)]
     seen: set[int] = set()
     for i, t in enumerate(out):
         if t.id:

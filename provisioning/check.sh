@@ -4,7 +4,7 @@
 # tasks reaching `done`, and Grafana serves the Tasks dashboard as its home with a
 # working Prometheus datasource; then prints where everything is. Exit 1 on timeout.
 # By hand in the VM: sudo /opt/tasks/src/provisioning/check.sh
-# Changes nothing. tests/unit/test_vagrant.py runs it against stand-in servers.
+# Changes nothing. tests/system/test_vm_provisioning.py runs it against stand-in servers.
 set -euo pipefail
 
 PROMETHEUS_URL=${PROMETHEUS_URL:-http://127.0.0.1:9090}

@@ -11,7 +11,7 @@
 # Usage: render-supervisor.sh PYTHON SRC ROOT OUT
 #   PYTHON  a Python that imports `daemons` (the VM's venv; the tests' own)
 # Prints one line per file it changed; nothing when all was already up to date.
-# tests/unit/test_vagrant.py runs it for real and compares the result with conf/.
+# tests/system/test_vm_provisioning.py runs it for real and compares the result with conf/.
 set -euo pipefail
 
 [[ $# == 4 ]] || { echo "usage: $0 PYTHON SRC ROOT OUT" >&2; exit 2; }

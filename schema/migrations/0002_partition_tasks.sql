@@ -199,6 +199,7 @@ BEGIN
 END
 $$;
 
--- Ten minutes of windows, so a database that was just migrated takes done tasks before
--- any daemon's maintenance loop has run (the loop then continues with its own width).
-SELECT tasks_ensure_partitions(600, 600);
+-- Ten minutes of one-minute windows, so a database that was just migrated takes done
+-- tasks before any daemon's maintenance loop has run (the loop then continues with its
+-- own width). Short ones: a short retention can drop them soon after they end.
+SELECT tasks_ensure_partitions(60, 600);

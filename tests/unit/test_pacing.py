@@ -1,66 +1,137 @@
 """Group commit in the consumer's writers: statements start at least a gap apart unless
-enough work waits, and a lone request after a quiet spell waits for nothing."""
+enough work waits, and a lone request after a quiet spell waits for nothing.
+
+The pacing is judged on an event loop with a virtual clock, not on the wall clock:
+bounds of 10-20 ms of real time were the likeliest flakes on a loaded 2-core machine.
+Each test also runs its scenario with no gap, where the pacing assertions must fail."""
+
+from __future__ import annotations
 
 import asyncio
+import selectors
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
 
 from daemons import engine as eng
 
+T = TypeVar("T")
+GAP_S = 0.02
 
-async def test_pacer_spaces_statements_unless_full() -> None:
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock stands still while callbacks run and, when the loop
+    would wait, jumps straight to its next timer: a sleep takes exactly as long as
+    asked, in no real time. Nothing to wait for at all is a deadlock, and fails."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    def __init__(self, loop: VirtualClockLoop) -> None:
+        super().__init__()
+        self.loop = loop
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            raise RuntimeError("deadlock: nothing ready and no timer pending")
+        self.loop.now += timeout
+        return super().select(0)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+async def spaced(gap_s: float) -> tuple[float, float, float]:
+    """When three statements start: after a quiet spell, too soon, and too soon but full."""
     loop = asyncio.get_running_loop()
-    pacer = eng.Pacer(0.02, full=10)
-    t0 = loop.time()
-    await pacer.wait(lambda: 2)  # first after a quiet spell: at once
-    first = loop.time() - t0
-    await pacer.wait(lambda: 2)  # too soon, concurrent and not full: waits out the gap
-    second = loop.time() - t0
-    await pacer.wait(lambda: 10)  # full: at once
-    third = loop.time() - t0
-    assert first < 0.01
-    assert second >= 0.019
-    assert third - second < 0.01
+    pacer = eng.Pacer(gap_s, full=10)
+    await pacer.wait(lambda: 2)
+    first = loop.time()
+    await pacer.wait(lambda: 2)
+    second = loop.time()
+    await pacer.wait(lambda: 10)
+    return first, second, loop.time()
 
 
-async def test_pacer_does_not_delay_a_lone_caller() -> None:
-    """One item per statement, one statement at a time: nothing to gather by waiting."""
+def test_pacer_spaces_statements_unless_full() -> None:
+    first, second, third = run(spaced(GAP_S))
+    assert first == 0.0  # the first after a quiet spell: at once
+    assert second - first == pytest.approx(GAP_S)  # concurrent, not full: waits out the gap
+    assert third == second  # full: at once
+
+
+def test_pacer_spacing_needs_the_gap() -> None:
+    first, second, _ = run(spaced(0.0))
+    assert not second - first == pytest.approx(GAP_S)
+
+
+async def waits(gap_s: float, waiting: int, statements: int = 5) -> float:
+    """How long `statements` statements of `waiting` items each take to start."""
     loop = asyncio.get_running_loop()
-    pacer = eng.Pacer(0.02, full=10)
-    t0 = loop.time()
-    for _ in range(5):
-        await pacer.wait(lambda: 1)
-    assert loop.time() - t0 < 0.02
+    pacer = eng.Pacer(gap_s, full=10)
+    for _ in range(statements):
+        await pacer.wait(lambda: waiting)
+    return loop.time()
 
 
-async def test_coalescer_batches_single_requests_that_trickle_in() -> None:
-    """Single-item requests arriving about 1 ms apart against a statement of 2 ms: with
-    no pacing, statements carry one or two items; with a 20 ms gap, many (a slow machine
-    spreads the arrivals, so the bounds leave room)."""
+def test_pacer_does_not_delay_a_lone_caller() -> None:
+    """One item per statement, one statement at a time: nothing to gather by waiting,
+    while the same pacer does space statements that two items wait for."""
+    assert run(waits(GAP_S, waiting=1)) == 0.0
+    assert run(waits(GAP_S, waiting=2)) == pytest.approx(4 * GAP_S)
+    assert run(waits(0.0, waiting=2)) == 0.0  # the contrast needs the gap
+
+
+async def trickle(gap_s: float) -> tuple[list[int], float]:
+    """200 single-item requests, 1 ms apart, against statements of 2 ms: the batch
+    sizes the coalescer made, and how long it all took."""
     batches: list[int] = []
 
-    async def run(items: list[int]) -> list[int | None]:
+    async def statement(items: list[int]) -> list[int | None]:
         batches.append(len(items))
         await asyncio.sleep(0.002)
         return list(items)
 
     states: list[bool] = []
     co: eng.Coalescer[int, int] = eng.Coalescer(
-        "test", run, lambda rows: None, lambda ok, exc: states.append(ok), min_gap_s=0.02
+        "test", statement, lambda rows: None, lambda ok, exc: states.append(ok), min_gap_s=gap_s
     )
-    runner = asyncio.create_task(co.run_forever())
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
+    runner = loop.create_task(co.run_forever())
     try:
         calls = []
         for i in range(200):
-            calls.append(asyncio.create_task(co.submit([i])))
+            calls.append(loop.create_task(co.submit([i])))
             await asyncio.sleep(0.001)
         results = await asyncio.gather(*calls)
-        took = loop.time() - t0
     finally:
         runner.cancel()
     assert results == [[i] for i in range(200)]  # each caller gets its own row back
-    assert sum(batches) == 200
-    # About one statement per 20 ms gap (the sleeps above last longer than asked).
-    assert len(batches) <= took / 0.02 + 3, (took, batches)
-    assert sum(batches) / len(batches) >= 3, batches
-    assert all(states)
+    assert sum(batches) == 200 and all(states)
+    return batches, loop.time()
+
+
+def test_coalescer_batches_single_requests_that_trickle_in() -> None:
+    """With a 20 ms gap, about one statement per gap carrying ~20 items; with no pacing,
+    statements carry one or two items (checked below)."""
+    batches, took = run(trickle(GAP_S))
+    assert len(batches) <= took / GAP_S + 2, (took, batches)
+    assert sum(batches) / len(batches) >= 10, batches
+
+
+def test_coalescer_batching_needs_the_gap() -> None:
+    batches, took = run(trickle(0.0))
+    assert len(batches) > took / GAP_S + 2
+    assert sum(batches) / len(batches) < 3, batches
