@@ -33,6 +33,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 POOL_WAIT_S = 5.0  # a caller waits this long for a connection before a transient error
+QUIET_WAIT_S = 10.0  # waiting for the database this long at start-up is normal
 # A row moved to another partition (done) while a statement waited on it fails that
 # statement with a serialization error instead of skipping the row; the transitions are
 # conditional, so running the statement again is safe and gives the usual outcome.
@@ -73,6 +74,7 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
     deadline = time.monotonic() + timeout_s
     delay = 0.1
     logged = ""
+    warned = False
     while True:
         try:
             conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=5, autocommit=True)
@@ -80,6 +82,7 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
                 cur = await conn.execute(
                     "SELECT to_regclass('tasks') IS NOT NULL"
                     " AND to_regclass('task_counts') IS NOT NULL"
+                    " AND to_regclass('task_totals') IS NOT NULL"
                 )
                 row = await cur.fetchone()
             finally:
@@ -89,16 +92,22 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
                     log.info("database_ready")
                 return
             reason = (
-                "tables `tasks`/`task_counts` missing: run `migrator up` (make migrate); "
-                "a database made by an early 0001 without task_counts must be recreated"
+                "tables `tasks`/`task_counts`/`task_totals` missing: run `migrator up` "
+                "(make migrate); a database made by an early 0001 without task_counts "
+                "must be recreated"
             )
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         if time.monotonic() + delay > deadline:
             raise DatabaseUnavailable(f"database not ready after {timeout_s:.0f}s: {reason}")
-        if reason != logged:
-            log.warning("database_waiting", extra=fields(reason=reason))
-            logged = reason
+        # A database still starting (make run starts its own next to the daemons) is
+        # normal for a few seconds: INFO then, one WARNING once it takes longer.
+        waited = round(timeout_s - (deadline - time.monotonic()), 1)
+        slow = waited >= QUIET_WAIT_S
+        if reason != logged or (slow and not warned):
+            level = logging.WARNING if slow else logging.INFO
+            log.log(level, "database_waiting", extra=fields(reason=reason, waited_s=waited))
+            logged, warned = reason, warned or slow
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
 

@@ -1,7 +1,12 @@
 import asyncio
+import logging
 import time
 
-from daemons.store import Store
+import pytest
+
+from daemons import store as store_module
+from daemons.errors import DatabaseUnavailable
+from daemons.store import Store, wait_for_database
 from tests.conftest import sql, states
 
 
@@ -94,3 +99,17 @@ async def test_task_counts_stay_exact_for_any_writer(db_url: str) -> None:
         )
     finally:
         await store.close()
+
+
+async def test_waiting_for_a_database_that_is_starting_is_quiet_at_first(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make run starts its own PostgreSQL next to the daemons: the first seconds of
+    waiting are INFO; one WARNING comes once the wait is longer than that."""
+    monkeypatch.setattr(store_module, "QUIET_WAIT_S", 0.5)
+    caplog.set_level(logging.INFO, logger="daemons.store")
+    with pytest.raises(DatabaseUnavailable):
+        await wait_for_database("postgresql://nobody@127.0.0.1:1/tasks", 3, require_schema=True)
+    waits = [r for r in caplog.records if r.getMessage() == "database_waiting"]
+    assert waits and waits[0].levelno == logging.INFO
+    assert [r.levelno for r in waits].count(logging.WARNING) == 1
