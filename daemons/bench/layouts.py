@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemons.bench.layouts")
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--history", type=int, default=10_000_000, help="done rows added")
+    parser.add_argument(
+        "--only", default="", help="comma-separated layout numbers (0-based) to run, e.g. 0,4"
+    )
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="tasks-layouts-"))
     port = free_port()
@@ -128,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit((tmp / "postgres.log").read_text())
         print(f"{'layout':48} {'tasks/s':>9} {'+history':>9} {'pg s/1k':>8} {'+history':>9}")
         with psycopg.connect(admin_url, autocommit=True) as admin:
+            only = {int(x) for x in args.only.split(",") if x.strip()}
             for i, layout in enumerate(LAYOUTS):
+                if only and i not in only:
+                    continue
                 db = f"layout_{i}"
                 admin.execute(f"CREATE DATABASE {db}")
                 url = localdb.url_for(port, db)
