@@ -263,18 +263,25 @@ def _accepted(err: Any) -> str:
     return f"accepted: {msg[0].lower()}{msg[1:]}"
 
 
+_PASSWORD_PARAM = re.compile(r"(?i)(\bpassword=)[^&\s]*")
+
+
 def mask(name: str, value: str) -> str:
-    """Hide passwords: URLs lose their password, secret-looking names lose the value."""
+    """Hide passwords: URLs lose their password (in the user info and in a `password=`
+    parameter, which libpq accepts too), secret-looking names lose the value."""
     if "://" in value:
         parts = urlsplit(value)
         if parts.password:
             netloc = f"{parts.username}:***@{parts.hostname}"
             if parts.port:
                 netloc += f":{parts.port}"
-            return urlunsplit(parts._replace(netloc=netloc))
+            parts = parts._replace(netloc=netloc)
+        if parts.query:
+            parts = parts._replace(query=_PASSWORD_PARAM.sub(r"\1***", parts.query))
+        return urlunsplit(parts)
     if any(s in name.upper() for s in ("PASSWORD", "SECRET", "TOKEN")):
         return "***"
-    return value
+    return _PASSWORD_PARAM.sub(r"\1***", value)  # a keyword DSN: host=... password=...
 
 
 def explain(settings: _Common) -> str:

@@ -73,6 +73,16 @@ def test_explain_masks_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "s3cret" not in text
     assert "postgresql://app:***@db.example:5432/tasks" in text
     assert mask("X", "postgresql://u@h/d") == "postgresql://u@h/d"
+    # libpq also takes the password as a parameter, or in a keyword DSN.
+    assert mask("URL", "postgresql://u@h:5432/d?sslmode=require&password=hunter2") == (
+        "postgresql://u@h:5432/d?sslmode=require&password=***"
+    )
+    assert "hunter2" not in mask("URL", "postgresql://u@h/d?PASSWORD=hunter2")
+    assert mask("DSN", "host=h user=u password=hunter2 dbname=d") == (
+        "host=h user=u password=*** dbname=d"
+    )
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@db.example/tasks?password=hunter2")
+    assert "hunter2" not in explain(load(ConsumerSettings))
 
 
 def test_env_example_lists_every_setting_with_its_default() -> None:
