@@ -75,8 +75,8 @@ consumer: $(STAMP) ## run the consumer in the foreground (the database must be u
 migrate: $(STAMP) ## apply the next migration (one step up)
 	$(BIN)/migrator up --one
 
-drop: $(STAMP) ## roll back the latest migration (one step down)
-	$(BIN)/migrator down
+drop: $(STAMP) ## roll back the latest migration (one step down; 0001 with stored tasks needs ARGS=--drop-tasks)
+	$(BIN)/migrator down $(ARGS)
 
 explain: $(STAMP) ## print every setting of both daemons with value, source and meaning
 	@$(BIN)/producer --explain

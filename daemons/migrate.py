@@ -23,7 +23,7 @@ from yoyo import get_backend, read_migrations
 from daemons import logs, schema_dir
 from daemons.errors import DaemonError
 from daemons.settings import _Common, load, mask
-from daemons.store import wait_for_database
+from daemons.store import count_stored_tasks, wait_for_database
 
 log = logging.getLogger("daemons.migrator")
 
@@ -39,6 +39,14 @@ def _backend(dsn: str) -> Any:
 
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+# Rolling these back deletes tasks: only with --drop-tasks while any are stored.
+DESTRUCTIVE = {"0001_create_tasks"}
+
+
+def _stored_tasks(dsn: str) -> int:
+    return asyncio.run(count_stored_tasks(dsn))
+
+
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 5.0
 
@@ -97,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     up = sub.add_parser("up", parents=[common], help="apply pending migrations")
     up.add_argument("--one", action="store_true", help="apply only the next migration")
-    sub.add_parser("down", parents=[common], help="roll back the latest applied migration")
+    down = sub.add_parser("down", parents=[common], help="roll back the latest applied migration")
+    down.add_argument(
+        "--drop-tasks",
+        action="store_true",
+        help="allow rolling back 0001, which deletes the tasks table and every task in it",
+    )
     sub.add_parser("status", parents=[common], help="list applied and pending migrations")
     args = parser.parse_args(argv)
     try:
@@ -133,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         todo = backend.to_rollback(migrations)[:1]
         for m in todo:
+            if m.id in DESTRUCTIVE and not args.drop_tasks:
+                stored = _stored_tasks(dsn)
+                if stored:
+                    print(
+                        f"migrator: rolling back {m.id} would delete the tasks table and its"
+                        f" {stored:,} tasks; nothing was changed. Pass --drop-tasks to do it"
+                        " (make drop ARGS=--drop-tasks).",
+                        file=sys.stderr,
+                    )
+                    return 2
             _retry_on_lock(partial(backend.rollback_migrations, todo), m.id, args.lock_wait)
         for m in todo:
             log.info("migration_rolled_back", extra=logs.fields(id=m.id))

@@ -112,6 +112,19 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
         delay = min(delay * 2, 2.0)
 
 
+async def count_stored_tasks(dsn: str) -> int:
+    """Rows in `tasks` (0 when there is no such table): what a destructive rollback
+    would delete."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT to_regclass('tasks') IS NOT NULL")
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            return 0
+        cur = await conn.execute("SELECT count(*) FROM tasks")
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
 def pg_array(items: Iterable[int | float]) -> str:
     """A numeric array as PostgreSQL's text literal, cast in SQL (`%(ids)s::bigint[]`):
     joining in C is several times cheaper than adapting a list element by element,

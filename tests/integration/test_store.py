@@ -1,5 +1,7 @@
 import asyncio
 import logging
+import os
+import subprocess
 import time
 
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from daemons import store as store_module
 from daemons.errors import DatabaseUnavailable
 from daemons.store import Store, wait_for_database
-from tests.conftest import sql, states
+from tests.conftest import BIN, sql, states
 
 
 async def _store(url: str) -> Store:
@@ -113,3 +115,25 @@ async def test_waiting_for_a_database_that_is_starting_is_quiet_at_first(
     waits = [r for r in caplog.records if r.getMessage() == "database_waiting"]
     assert waits and waits[0].levelno == logging.INFO
     assert [r.levelno for r in waits].count(logging.WARNING) == 1
+
+
+def test_rolling_back_0001_with_tasks_stored_needs_drop_tasks(db_url: str) -> None:
+    """`make drop` twice too many must not delete every task without a word."""
+    sql(
+        db_url,
+        "INSERT INTO tasks (type, value, creation_time, last_update_time) VALUES (1, 1, 0, 0)",
+    )
+    env = {**os.environ, "DATABASE_URL": db_url}
+
+    def down(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "migrator"), "down", *args], env=env, capture_output=True, text=True
+        )
+
+    assert down().returncode == 0 and down().returncode == 0  # 0003, then 0002
+    refused = down()
+    assert refused.returncode == 2, refused.stderr
+    assert "1 tasks" in refused.stderr and "--drop-tasks" in refused.stderr
+    assert states(db_url)["received"] == 1  # nothing changed
+    assert down("--drop-tasks").returncode == 0
+    assert sql(db_url, "SELECT to_regclass('tasks')") == [(None,)]
