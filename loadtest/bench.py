@@ -160,61 +160,53 @@ def metric_positive(port: str, name: str) -> Callable[[], bool]:
 
 @dataclass
 class Cluster:
-    """The private PostgreSQL: a temporary directory, a free port, one database per phase."""
+    """The private PostgreSQL (daemons.bench.cluster, as the tests use) with one database
+    per phase, and the daemons and helper processes a run started."""
 
     tmp: Path
     pg_stats: bool = False
-    port: int = 0
-    popen: subprocess.Popen[bytes] | None = None
     daemons: list[Daemon] = field(default_factory=list)
     others: list[subprocess.Popen[Any]] = field(default_factory=list)
+    pg: Any = None
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes] | None:
+        return None if self.pg is None else self.pg.popen
 
     def start(self) -> None:
-        self.port = free_port()
+        from daemons.bench.cluster import PrivatePostgres
+
+        self.pg = PrivatePostgres(self.tmp)
         self._launch()
         if self.pg_stats:
             import psycopg
 
             with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
                 conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
-            stop(self.popen, signal.SIGINT, STOP_TIMEOUT_S)
+            self.pg.stop()
             self._launch()
 
     def _launch(self) -> None:
-        from daemons import localdb
+        from daemons.bench.cluster import PostgresDidNotStart
 
         # initdb and the single-user step inherit our stderr and chat on it (LOG lines):
         # send them to the cluster's log instead.
-        with quiet_stderr(self.tmp / "postgres-init.log"):
-            self.popen = localdb.start_background(
-                self.tmp / "pgdata", self.port, self.tmp / "postgres.log"
-            )
-        if not localdb.wait_ready(self.url("postgres"), START_TIMEOUT_S):
-            log = (self.tmp / "postgres.log").read_text(errors="replace")[-3000:]
-            raise BenchError(f"PostgreSQL did not start:\n{log}")
+        try:
+            with quiet_stderr(self.tmp / "postgres-init.log"):
+                self.pg.start()
+        except PostgresDidNotStart as exc:
+            raise BenchError(str(exc)) from None
 
     def url(self, db: str) -> str:
-        from daemons import localdb
-
-        return localdb.url_for(self.port, db)
+        return str(self.pg.url(db))
 
     def new_database(self, name: str) -> str:
         import psycopg
 
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name}")
-            conn.execute(f"CREATE DATABASE {name}")
-        url = self.url(name)
-        out = subprocess.run(
-            [str(BIN / "migrator"), "up"],
-            env={**clean_env(), "DATABASE_URL": url},
-            cwd=self.tmp,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if out.returncode != 0:
-            raise BenchError(f"migrator up failed:\n{out.stdout}{out.stderr}")
+        try:
+            url = str(self.pg.new_database(name))
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
         if self.pg_stats:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -223,10 +215,7 @@ class Cluster:
     def drop_database(self, name: str) -> None:
         """A finished phase's database goes at once: otherwise autovacuum works through
         its million updated rows during the next phase and takes CPU from it."""
-        import psycopg
-
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.pg.drop_database(name)
 
     def start_daemon(self, name: str, env: dict[str, str]) -> Daemon:
         log_path = self.tmp / f"{name}-{len(self.daemons)}.log"
@@ -255,8 +244,9 @@ class Cluster:
         # Producers first, so nothing new reaches a consumer that is draining.
         for d in sorted(self.daemons, key=lambda d: d.name != "producer"):
             stop(d.popen, signal.SIGTERM, STOP_TIMEOUT_S)
-        # SIGINT = PostgreSQL's fast shutdown (SIGTERM waits for every client).
-        stop(self.popen, signal.SIGINT, STOP_TIMEOUT_S)
+        # PostgreSQL's fast shutdown (SIGTERM would wait for every client).
+        if self.pg is not None:
+            self.pg.stop()
 
 
 @contextlib.contextmanager
@@ -275,14 +265,9 @@ def quiet_stderr(path: Path) -> Iterator[None]:
 
 
 def clean_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PRODUCER_", "CONSUMER_", "LOCALDB_", "TASKS_"))
-        and k != "DATABASE_URL"
-    }
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    from daemons.bench.cluster import clean_env as clean
+
+    return clean()
 
 
 # --- measurements ---------------------------------------------------------------------
@@ -409,6 +394,11 @@ def percentiles(
     ).fetchone()
     ms = [float(x) * 1000 for x in (row[1] or [0.0, 0.0, 0.0])]
     return int(row[0]), ms, float(row[2] or 0.0) * 1000
+
+
+def lifetime_done(conn: Any) -> int:
+    """Tasks ever done (the rollup), whatever retention removed since."""
+    return int(conn.execute("SELECT coalesce(sum(done), 0) FROM task_totals").fetchone()[0])
 
 
 def pg_counters(conn: Any) -> dict[str, float]:
@@ -714,6 +704,7 @@ def run_workload(
         if cluster.pg_stats:
             conn.execute("SELECT pg_stat_statements_reset()")
         pg_before = pg_counters(conn)
+        lifetime_before = lifetime_done(conn)
         before = CpuSnapshot.take(pids, {"postgres": pg_pid})
         rss_start = {"producer": rss_mb(producer.pid), "consumer": rss_mb(consumer.pid)}
         t0 = time.time()
@@ -725,6 +716,7 @@ def run_workload(
         )
         tick("measure", m0 + opts.seconds, m0, rows)
         t1 = time.time()
+        lifetime_at_t1 = lifetime_done(conn)
         # Memory growth over the window (the soak's figure): RSS at its end vs its start.
         rss_growth = {
             name: (rss_mb(d.pid) - rss_start[name]) / max(rss_start[name], 1e-6) * 100
@@ -780,7 +772,10 @@ def run_workload(
             "lost_processing": left_processing,
             "exit_codes_ok": all(code == 0 for code in exit_codes.values()),
         }
-        done, (p50, p95, p99), p99_beyond_work = percentiles(conn, t0, t1, work_scale)
+        stored, (p50, p95, p99), p99_beyond_work = percentiles(conn, t0, t1, work_scale)
+        # Retention may have removed part of the window's rows by now (make soak): the
+        # count comes from the lifetime totals; the percentiles, from the rows left.
+        done = max(stored, lifetime_at_t1 - lifetime_before)
         per_second = series(conn, started, t1)
         states: dict[str, int] = dict(
             conn.execute("SELECT state::text, count(*) FROM tasks GROUP BY 1").fetchall()
@@ -798,6 +793,7 @@ def run_workload(
         "max_1s_tasks_per_s": max(in_window) if in_window else 0,
         "rate_offered": rate,
         "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "p99_beyond_work": p99_beyond_work},
+        "latency_from_stored_rows": stored,
         "cpu_s_per_1k": {n: cpu[n] / k for n in ("producer", "consumer", "postgres")},
         "cpu_cores": {
             n: cpu[n] / window for n in ("producer", "consumer", "postgres", "bench", "other")

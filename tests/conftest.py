@@ -4,10 +4,8 @@ or TEST_DATABASE_URL), and a fresh database per test cloned from a migrated temp
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from daemons import localdb
-from daemons.bench.ports import free_port
+from daemons.bench.cluster import PrivatePostgres
+from daemons.bench.ports import free_port as free_port  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -55,19 +53,11 @@ def pg_server() -> Iterator[str]:
     if os.environ.get("TEST_DATABASE_URL"):
         yield _with_db(os.environ["TEST_DATABASE_URL"], "postgres")
         return
-    tmp = Path(tempfile.mkdtemp(prefix="tasks-test-pg-"))
-    port = free_port()
-    proc = localdb.start_background(tmp / "pgdata", port, tmp / "postgres.log")
-    url = localdb.url_for(port, "postgres")
+    pg = PrivatePostgres.start_new("tasks-test-pg-")
     try:
-        if not localdb.wait_ready(url, 60):
-            raise RuntimeError(
-                "test PostgreSQL did not start: " + (tmp / "postgres.log").read_text()
-            )
-        yield url
+        yield pg.admin_url
     finally:
-        stop_process(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        pg.close()
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +25,8 @@ from typing import Any
 
 import psycopg
 
-from daemons import localdb
+from daemons.bench.cluster import PrivatePostgres
 from daemons.bench.cpu import tree_cpu
-from daemons.bench.ports import free_port
 
 BATCH = 1000
 VACUUM_EVERY_S = 2.0  # what the maintenance loop does to tasks_unfinished
@@ -122,25 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help="comma-separated layout numbers (0-based) to run, e.g. 0,4"
     )
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="tasks-layouts-"))
-    port = free_port()
-    server = localdb.start_background(tmp / "pgdata", port, tmp / "postgres.log")
-    admin_url = localdb.url_for(port, "postgres")
+    pg = PrivatePostgres.start_new("tasks-layouts-")
     try:
-        if not localdb.wait_ready(admin_url, 60):
-            raise SystemExit((tmp / "postgres.log").read_text())
         print(f"{'layout':48} {'tasks/s':>9} {'+history':>9} {'pg s/1k':>8} {'+history':>9}")
-        with psycopg.connect(admin_url, autocommit=True) as admin:
+        with psycopg.connect(pg.admin_url, autocommit=True) as admin:
             only = {int(x) for x in args.only.split(",") if x.strip()}
             for i, layout in enumerate(LAYOUTS):
                 if only and i not in only:
                     continue
                 db = f"layout_{i}"
                 admin.execute(f"CREATE DATABASE {db}")
-                url = localdb.url_for(port, db)
+                url = pg.url(db)
                 with psycopg.connect(url, autocommit=True) as conn:
                     layout.setup(conn, url)
-                    empty = measure(conn, args.seconds, server.pid, layout.vacuum)
+                    empty = measure(conn, args.seconds, pg.pid, layout.vacuum)
                     old = time.time() - 3600
                     conn.execute(
                         "INSERT INTO tasks (type, value, state, creation_time, last_update_time)"
@@ -148,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         f" FROM generate_series(1, {int(args.history)}) g"
                     )
                     conn.execute("VACUUM ANALYZE")
-                    full = measure(conn, args.seconds, server.pid, layout.vacuum)
+                    full = measure(conn, args.seconds, pg.pid, layout.vacuum)
                 print(
                     f"{layout.name:48} {empty[0]:9,.0f} {full[0]:9,.0f}"
                     f" {empty[1]:8.4f} {full[1]:9.4f}",
@@ -156,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 admin.execute(f"DROP DATABASE {db}")
     finally:
-        server.terminate()
-        server.wait(30)
-        shutil.rmtree(tmp, ignore_errors=True)
+        pg.close()
     return 0
 
 

@@ -173,6 +173,9 @@ DECLARE
     part text;
     made integer := 0;
 BEGIN
+    -- One creator at a time (the maintenance loop, or a write that found no partition),
+    -- so two never make the same one; the chain's end is read once the lock is held.
+    PERFORM pg_advisory_xact_lock(hashtext('tasks partitions'));
     SELECT max(split_part(c.relname, '_', 4)::bigint) INTO lo
     FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
     WHERE i.inhparent = 'tasks_done'::regclass AND c.relname ~ '^tasks_done_[0-9]+_[0-9]+$';

@@ -163,12 +163,18 @@ async def test_a_done_time_past_the_last_partition_makes_one_on_demand(db_url: s
             if part.upper > now - 1:  # every partition that could take a task done now
                 sql(db_url, f"ALTER TABLE tasks_done DETACH PARTITION {part.name}")
                 sql(db_url, f"DROP TABLE {part.name}")
-        rows = await store.insert_batch([2] * 5, [3] * 5, [time.time()] * 5)
-        ids = [r.id for r in rows]
-        await store.mark_processing(ids)
-        assert sorted(await store.mark_done(ids)) == sorted(ids)
-        assert states(db_url)["done"] == 5
-        assert _contiguous(await store.done_partitions())
+        # Two writers find no partition at the same moment: each makes one, neither fails.
+        other = await _store(db_url)
+        now = time.time()
+        batches = [await s.insert_batch([2] * 5, [3] * 5, [now] * 5) for s in (store, other)]
+        ids = [[r.id for r in rows] for rows in batches]
+        await store.mark_processing(ids[0] + ids[1])
+        done = await asyncio.gather(store.mark_done(ids[0]), other.mark_done(ids[1]))
+        assert [sorted(d) for d in done] == [sorted(i) for i in ids]
+        assert states(db_url)["done"] == 10
+        parts = await store.done_partitions()
+        assert _contiguous(parts) and len({p.name for p in parts}) == len(parts)
+        await other.close()
     finally:
         await store.close()
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import shutil
 import signal
@@ -32,6 +31,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemons.bench.cluster import clean_env
 from tests.conftest import BIN, ROOT, free_port, need, sql, stop_process
 from tests.rules import PROMETHEUS_CONF, rule_files
 
@@ -171,19 +171,11 @@ class Bundle:
         self.procs: list[Proc] = []
 
     def env(self, **overrides: str) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("PRODUCER_", "CONSUMER_", "TASKS_")) and k != "DATABASE_URL"
-        }
-        env.update(
-            {
-                "DATABASE_URL": self.db_url,
-                "CONSUMER_LISTEN": f"127.0.0.1:{self.grpc_port}",
-                "PRODUCER_CONSUMER_TARGET": f"127.0.0.1:{self.grpc_port}",
-                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-                **{k: str(v) for k, v in self.ports.items()},
-            }
+        env = clean_env(
+            DATABASE_URL=self.db_url,
+            CONSUMER_LISTEN=f"127.0.0.1:{self.grpc_port}",
+            PRODUCER_CONSUMER_TARGET=f"127.0.0.1:{self.grpc_port}",
+            **{k: str(v) for k, v in self.ports.items()},
         )
         env.update(overrides)
         return env
@@ -217,6 +209,7 @@ class Supervisor:
 
     def __init__(self, bundle: Bundle, **env: str) -> None:
         self.kills: list[float] = []  # when a test SIGKILLed one of its programs
+        self.in_flight: list[int] = []  # tasks in flight at each failure a test injected
         self.bundle = bundle
         root = bundle.workdir
         (root / "conf").mkdir(exist_ok=True)

@@ -7,10 +7,8 @@ The suite runs on its own PostgreSQL cluster, because it restarts it."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,8 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from daemons import localdb
-from tests.conftest import BIN, free_port, sql, states
+from daemons.bench.cluster import PrivatePostgres
+from tests.conftest import BIN, sql, states
 from tests.system.harness import (
     Bundle,
     Supervisor,
@@ -54,6 +52,7 @@ class Result:
     double_counted: int
     recovery_s: float
     starts: str = ""
+    in_flight: str = ""
 
 
 RESULTS: list[Result] = []
@@ -62,46 +61,13 @@ RESULTS: list[Result] = []
 EXPECTED_STARTS = {"consumer": 1, "producer": 1}
 
 
-class Cluster:
-    """A private PostgreSQL that scenarios may restart."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="tasks-chaos-pg-"))
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def admin_url(self) -> str:
-        return localdb.url_for(self.port, "postgres")
-
-    def start(self) -> None:
-        self.proc = localdb.start_background(self.dir / "pgdata", self.port, self.dir / "pg.log")
-        assert localdb.wait_ready(self.admin_url, 60), (self.dir / "pg.log").read_text()
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients are cut off
-        self.proc.wait(60)
-
-    def fresh_db(self, name: str) -> str:
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {name}")
-        url = localdb.url_for(self.port, name)
-        env = {**os.environ, "DATABASE_URL": url}
-        subprocess.run([str(BIN / "migrator"), "up"], env=env, check=True, capture_output=True)
-        return url
-
-    def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+# A private PostgreSQL that scenarios may restart (stop() is a fast shutdown).
+Cluster = PrivatePostgres
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = Cluster()
+    c = PrivatePostgres.start_new("tasks-chaos-pg-")
     yield c
     c.close()
 
@@ -114,13 +80,14 @@ def run_scenario(
     total: int = TOTAL,
     expect_starts: dict[str, int] | None = None,
 ) -> None:
-    db_url = cluster.fresh_db(f"chaos_{name}")
+    db_url = cluster.new_database(f"chaos_{name}")
     bundle = Bundle(db_url, tmp_path)
     sup = Supervisor(bundle, **{**CHAOS_ENV, "PRODUCER_TOTAL": str(total)})
     try:
         sup.wait_running("consumer", "producer")
         wait_until(lambda: states(db_url)["done"] >= 500, 30, "steady flow")
         inject(bundle, sup)
+        assert sup.in_flight, "the scenario must inject while work is in flight"
         t_end = time.monotonic()
         done_at_end = states(db_url)["done"]
         # Recovered: tasks reach `done` again (or, if the load ended meanwhile, all did).
@@ -177,6 +144,7 @@ def run_scenario(
                 double,
                 recovery_s,
                 f"c{starts['consumer']}/p{starts['producer']}",
+                ",".join(map(str, sup.in_flight)),
             )
         )
         assert lost == 0 and double == 0, RESULTS[-1]
@@ -190,6 +158,7 @@ def run_scenario(
 
 def test_postgres_restart(cluster: Cluster, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
+        _in_flight(bundle, sup)
         cluster.stop()
         time.sleep(2.0)  # the outage itself: the database stays away for 2 s
         cluster.start()
@@ -200,6 +169,7 @@ def test_postgres_restart(cluster: Cluster, tmp_path: Path) -> None:
 def test_all_backends_killed(cluster: Cluster, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         for _ in range(3):
+            _in_flight(bundle, sup)
             killed = sql(
                 cluster.admin_url,
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -214,6 +184,7 @@ def test_all_backends_killed(cluster: Cluster, tmp_path: Path) -> None:
 def test_connection_exhaustion(cluster: Cluster, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         held: list[psycopg.Connection[tuple[object, ...]]] = []
+        _in_flight(bundle, sup)  # before the slots are gone: this check needs one too
         try:
             # Take every free slot (the daemons keep the connections they hold)...
             while True:
@@ -237,6 +208,14 @@ def test_connection_exhaustion(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario("conn_exhaustion", cluster, tmp_path, inject)
 
 
+def _in_flight(bundle: Bundle, sup: Supervisor, state: str = "processing") -> None:
+    """Wait until tasks are in `state` (work in the consumer: processing; sends from the
+    producer: received), and note how many, for the summary: a failure injected when
+    nothing is in flight proves little."""
+    n = wait_until(lambda: states(bundle.db_url)[state], 20, f"tasks {state}")
+    sup.in_flight.append(int(n))
+
+
 def _kill_and_wait_restart(sup: Supervisor, program: str) -> None:
     """SIGKILL a program and wait until supervisor has a new process running for it."""
     old = sup.pid(program)
@@ -247,27 +226,28 @@ def _kill_and_wait_restart(sup: Supervisor, program: str) -> None:
 
 def test_consumer_sigkill_mid_work(cluster: Cluster, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
-        wait_until(lambda: states(bundle.db_url)["processing"] > 0, 20, "work in flight")
+        sup.wait_running("consumer", timeout_s=30)
+        _in_flight(bundle, sup)
         _kill_and_wait_restart(sup, "consumer")
 
     run_scenario("consumer_kill", cluster, tmp_path, inject, expect_starts={"consumer": 2})
 
 
 def test_producer_sigkill_mid_send(cluster: Cluster, tmp_path: Path) -> None:
-    run_scenario(
-        "producer_kill",
-        cluster,
-        tmp_path,
-        lambda b, sup: _kill_and_wait_restart(sup, "producer"),
-        expect_starts={"producer": 2},
-    )
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        for _ in range(2):
+            sup.wait_running("producer", timeout_s=30)
+            _in_flight(bundle, sup, "received")  # inserted, not yet taken by the consumer
+            _kill_and_wait_restart(sup, "producer")
+
+    run_scenario("producer_kill", cluster, tmp_path, inject, expect_starts={"producer": 3})
 
 
 def test_five_consumer_kills_in_a_minute(cluster: Cluster, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         for _ in range(5):
             sup.wait_running("consumer", timeout_s=30)
-            wait_until(lambda: states(bundle.db_url)["processing"] > 0, 20, "work in flight")
+            _in_flight(bundle, sup)
             _kill_and_wait_restart(sup, "consumer")
 
     # Five kills take ~15 s at this rate: a larger total keeps the load on throughout.
@@ -281,6 +261,7 @@ def test_migration_up_and_down_under_load(cluster: Cluster, tmp_path: Path) -> N
         env = bundle.env()
         for _ in range(3):
             for step in ("down", "up"):
+                _in_flight(bundle, sup)
                 out = subprocess.run(
                     [str(BIN / "migrator"), step], env=env, capture_output=True, text=True
                 )
@@ -293,12 +274,12 @@ def test_print_summary() -> None:
     """Runs last in this module: the per-scenario table for the record."""
     lines = [
         f"{'scenario':18} {'produced':>8} {'done':>6} {'lost':>5} {'double':>6} {'recovery_s':>10}"
-        f" {'starts':>7}"
+        f" {'starts':>7}  in flight at each injection"
     ]
     for r in RESULTS:
         lines.append(
             f"{r.scenario:18} {r.produced:8d} {r.done:6d} {r.lost:5d} {r.double_counted:6d}"
-            f" {r.recovery_s:10.2f} {r.starts:>7}"
+            f" {r.recovery_s:10.2f} {r.starts:>7}  {r.in_flight}"
         )
     text = "\n".join(lines)
     print("\nchaos summary\n" + text)
