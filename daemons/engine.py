@@ -21,6 +21,7 @@ from daemons import logs, metrics
 from daemons.errors import Draining
 from daemons.limiter import SlidingWindowLimiter
 from daemons.logs import fields
+from daemons.outage import Outage
 from daemons.store import TRANSIENT_ERRORS, Store, TaskRow
 
 log = logging.getLogger("daemons.consumer")
@@ -71,7 +72,7 @@ class Coalescer(Generic[In, R]):
         name: str,
         run: Callable[[list[In]], Awaitable[list[R | None]]],
         on_rows: Callable[[list[R]], None],
-        db_state: Callable[[bool, BaseException | None], None],
+        outage: Outage,
         max_items: int = MAX_ROWS_PER_STATEMENT,
         min_gap_s: float = ADMIT_GAP_S,
         full: int = ADMIT_FULL,
@@ -79,7 +80,7 @@ class Coalescer(Generic[In, R]):
         self.name = name
         self._run = run
         self._on_rows = on_rows
-        self._db_state = db_state
+        self._outage = outage
         self._max = max_items
         self._pace = Pacer(min_gap_s, full)
         self._queue: list[tuple[list[In], asyncio.Future[list[R | None]]]] = []
@@ -108,12 +109,12 @@ class Coalescer(Generic[In, R]):
                 try:
                     results = await self._run(items)
                 except TRANSIENT_ERRORS as exc:
-                    self._db_state(False, exc)
+                    self._outage.failing(exc)
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
-                self._db_state(True, None)
+                self._outage.ok()
                 self._on_rows([r for r in results if r is not None])
                 pos = 0
                 for chunk, fut in batch:
@@ -154,7 +155,7 @@ class Engine:
     work_scale: float = 1.0
     # Told when database writes start or stop failing (the consumer flips its health).
     on_db_state: Callable[[bool], None] | None = None
-    db_failing_since: float | None = None
+    db: Outage = field(init=False)
     limiter: SlidingWindowLimiter = field(init=False)
     draining: bool = False
     # Admitted and not yet written `done`: id -> (row, work timer or None once finished).
@@ -171,24 +172,16 @@ class Engine:
     def __post_init__(self) -> None:
         self.limiter = SlidingWindowLimiter(self.rate_limit, self.rate_period_s)
         self._idle.set()
+        self.db = Outage("db_write", log, on_change=self._db_changed)
         self.marker: Coalescer[int, TaskRow] = Coalescer(
-            "mark-processing", self._mark_processing, self._start_work, self._db_state
+            "mark-processing", self._mark_processing, self._start_work, self.db
         )
         self.registrar: Coalescer[NewTask, TaskRow] = Coalescer(
-            "register", self._register, self._start_work, self._db_state
+            "register", self._register, self._start_work, self.db
         )
 
-    def _db_state(self, ok: bool, error: BaseException | None) -> None:
-        """One log line per outage episode, a gauge, and the health hook."""
-        if ok and self.db_failing_since is not None:
-            took = time.monotonic() - self.db_failing_since
-            self.db_failing_since = None
-            log.info("db_write_recovered", extra=fields(after_s=round(took, 2)))
-        elif not ok and self.db_failing_since is None:
-            self.db_failing_since = time.monotonic()
-            log.warning("db_write_failing", extra=fields(error=str(error).strip()[:300]))
-        else:
-            return
+    def _db_changed(self, ok: bool) -> None:
+        """At each edge of a write outage: the gauge, and the health hook."""
         metrics.db_write_failing.set(0 if ok else 1)
         if self.on_db_state is not None:
             self.on_db_state(ok)
@@ -322,11 +315,11 @@ class Engine:
                 try:
                     won = set(await self.store.mark_done([row.id for row, _ in batch]))
                 except TRANSIENT_ERRORS as exc:
-                    self._db_state(False, exc)
+                    self.db.failing(exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
-                self._db_state(True, None)
+                self.db.ok()
                 delay = 0.05
                 del self._finished[: len(batch)]
                 metrics.batch_done.observe(len(batch))
@@ -368,13 +361,13 @@ class Engine:
         arrives meanwhile (with health NOT_SERVING, producers stop sending)."""
         while True:
             await asyncio.sleep(every_s)
-            if self.db_failing_since is None:
+            if not self.db.active:
                 continue
             try:
                 await self.store.ping()
             except TRANSIENT_ERRORS:
                 continue
-            self._db_state(True, None)
+            self.db.ok()
 
     # --- drain ---------------------------------------------------------------------
 
