@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Generic, TypeVar
 
 from daemons import logs, metrics
@@ -27,8 +28,6 @@ from daemons.store import TRANSIENT_ERRORS, Store, TaskRow
 log = logging.getLogger("daemons.consumer")
 task_log = logging.getLogger("daemons.consumer.tasks")
 
-# Statuses, mirroring tasks.v1.TaskStatus without importing gRPC here.
-ACCEPTED, RATE_LIMITED, DUPLICATE, INVALID, BUSY = 1, 2, 3, 4, 5
 
 TASK_LINE_FIELDS = ("id", "type", "value", "type_sum")
 MAX_ROWS_PER_STATEMENT = 5000  # keeps one statement well under a second
@@ -41,6 +40,17 @@ FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished wor
 
 In = TypeVar("In")
 R = TypeVar("R")
+
+
+class TaskStatus(IntEnum):
+    """What became of one delivered task: tasks.v1.TaskStatus without importing gRPC
+    here (tests/unit pins every member to the generated enum's name and value)."""
+
+    ACCEPTED = 1
+    RATE_LIMITED = 2
+    DUPLICATE = 3
+    INVALID = 4
+    BUSY = 5
 
 
 @dataclass(slots=True)
@@ -198,7 +208,7 @@ class Engine:
 
     # --- admission ---------------------------------------------------------------
 
-    async def admit(self, tasks: Sequence[NewTask]) -> tuple[list[int], list[int]]:
+    async def admit(self, tasks: Sequence[NewTask]) -> tuple[list[int], list[TaskStatus]]:
         """Admit what the limiter and the in-flight cap allow. Returns (ids, statuses) in
         request order. Raises Draining while stopping."""
         if self.draining:
@@ -209,7 +219,8 @@ class Engine:
         free = self.max_in_flight - len(self.processing) - self.reserved
         room = max(0, min(n, free))
         granted = self.limiter.acquire(room)
-        statuses = [RATE_LIMITED if i < room else BUSY for i in range(n)]
+        rate_limited, busy = TaskStatus.RATE_LIMITED, TaskStatus.BUSY
+        statuses = [rate_limited if i < room else busy for i in range(n)]
         ids = [t.id for t in tasks]
         if granted < n:
             limited = room - granted
@@ -230,18 +241,18 @@ class Engine:
                 existing = await self.store.existing_ids(losers) if losers else set()
                 for i, row in zip(known, rows, strict=True):
                     if row is not None:
-                        statuses[i] = ACCEPTED
+                        statuses[i] = TaskStatus.ACCEPTED
                     elif tasks[i].id in existing:
-                        statuses[i] = DUPLICATE
+                        statuses[i] = TaskStatus.DUPLICATE
                         metrics.rejected["duplicate"].inc()
                     else:
-                        statuses[i] = INVALID
+                        statuses[i] = TaskStatus.INVALID
                         metrics.rejected["invalid"].inc()
             if fresh:
                 rows = await self.registrar.submit([tasks[i] for i in fresh])
                 for i, row in zip(fresh, rows, strict=True):
                     if row is not None:
-                        statuses[i], ids[i] = ACCEPTED, row.id
+                        statuses[i], ids[i] = TaskStatus.ACCEPTED, row.id
         finally:
             self.reserved -= granted
         return ids, statuses

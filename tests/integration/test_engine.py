@@ -41,16 +41,16 @@ async def test_admitted_tasks_reach_done_and_sums_count_once(db_url: str) -> Non
         rows = await store.insert_batch([1, 1, 2], [5, 7, 9], [time.time()] * 3)
         new = [eng.NewTask(r.id, r.type, r.value) for r in rows]
         ids, statuses = await engine.admit(new)
-        assert statuses == [eng.ACCEPTED] * 3
+        assert statuses == [eng.TaskStatus.ACCEPTED] * 3
         # The same tasks again, concurrently delivered: duplicates, not counted again.
         _, again = await engine.admit(new)
-        assert again == [eng.DUPLICATE] * 3
+        assert again == [eng.TaskStatus.DUPLICATE] * 3
         await _wait(lambda: not engine.processing)
         assert states(db_url)["done"] == 3
         assert engine.sums[1] == 12 and engine.counts[1] == 2 and engine.sums[2] == 9
         # External tasks (no id) are registered by the consumer itself.
         ids, statuses = await engine.admit([eng.NewTask(0, 3, 30), eng.NewTask(0, 4, 40)])
-        assert statuses == [eng.ACCEPTED] * 2 and all(ids)
+        assert statuses == [eng.TaskStatus.ACCEPTED] * 2 and all(ids)
         await _wait(lambda: not engine.processing)
         assert sorted(sql(db_url, "SELECT type, value FROM tasks WHERE id = ANY(%s)", (ids,))) == [
             (3, 30),
@@ -58,7 +58,7 @@ async def test_admitted_tasks_reach_done_and_sums_count_once(db_url: str) -> Non
         ]
         # Unknown ids are INVALID and change nothing.
         _, st = await engine.admit([eng.NewTask(10_000_000, 1, 1)])
-        assert st == [eng.INVALID]
+        assert st == [eng.TaskStatus.INVALID]
     finally:
         await _stop(store, loops)
 
@@ -81,7 +81,7 @@ async def test_limiter_and_in_flight_cap_refuse_without_writing(db_url: str) -> 
     try:
         rows = await store.insert_batch([0] * 5, [1] * 5, [time.time()] * 5)
         _, st = await engine.admit([eng.NewTask(r.id, r.type, r.value) for r in rows])
-        assert st == [eng.ACCEPTED] * 3 + [eng.RATE_LIMITED] * 2
+        assert st == [eng.TaskStatus.ACCEPTED] * 3 + [eng.TaskStatus.RATE_LIMITED] * 2
         await _wait(lambda: not engine.processing)
         assert states(db_url) == {"received": 2, "processing": 0, "done": 3}
     finally:
@@ -90,7 +90,7 @@ async def test_limiter_and_in_flight_cap_refuse_without_writing(db_url: str) -> 
     try:
         rows = await store.insert_batch([0] * 3, [50] * 3, [time.time()] * 3)
         _, st = await engine.admit([eng.NewTask(r.id, r.type, r.value) for r in rows])
-        assert st == [eng.ACCEPTED] * 2 + [eng.BUSY]
+        assert st == [eng.TaskStatus.ACCEPTED] * 2 + [eng.TaskStatus.BUSY]
         # Drain with a short deadline: unfinished work goes back to `received`.
         finished, released = await engine.drain(0.2)
         assert (finished, released) == (0, 2)
