@@ -23,7 +23,7 @@ from daemons.errors import Draining
 from daemons.limiter import SlidingWindowLimiter
 from daemons.logs import fields
 from daemons.outage import Outage
-from daemons.store import TRANSIENT_ERRORS, Store, TaskRow
+from daemons.store import TRANSIENT_ERRORS, TaskRow, TaskStore
 
 log = logging.getLogger("daemons.consumer")
 task_log = logging.getLogger("daemons.consumer.tasks")
@@ -158,7 +158,7 @@ class Pacer:
 
 @dataclass
 class Engine:
-    store: Store
+    store: TaskStore
     rate_limit: int
     rate_period_s: float
     max_in_flight: int
