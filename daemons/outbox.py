@@ -90,6 +90,13 @@ class Backlog:
     def total(self) -> int:
         return self.counted + self.since
 
+    @property
+    def room(self) -> int:
+        return self.cap - self.total
+
+    def made(self, n: int) -> None:
+        self.since += n
+
     def stale(self, now: float, want: int) -> bool:
         return now - self.counted_at > BACKLOG_REFRESH_S or self.total + want > self.cap
 
@@ -208,10 +215,10 @@ class Outbox:
             backlog.recount(counted, asyncio.get_running_loop().time(), in_flight)
             metrics.producer_backlog.set(counted)
             self.db_count.ok()
-        return backlog.cap - backlog.total
+        return backlog.room
 
     def _start_batch(self, n: int) -> None:
-        self.backlog.since += n
+        self.backlog.made(n)
         if self.remaining is not None:
             self.remaining -= n
         self.inserting += 1

@@ -39,11 +39,9 @@ class InMemoryStore:
         self.tasks: dict[int, StoredTask] = {}
         self.totals = {t: [0, 0] for t in TYPES}  # type -> [done count, value sum], lifetime
         self.fail: BaseException | None = None
-        self.calls: dict[str, int] = {}
         self._next_id = 1
 
-    def _enter(self, name: str) -> None:
-        self.calls[name] = self.calls.get(name, 0) + 1
+    def _maybe_fail(self) -> None:
         if self.fail is not None:
             raise self.fail
 
@@ -81,7 +79,7 @@ class InMemoryStore:
         *,
         state: str = "received",
     ) -> list[TaskRow]:
-        self._enter("insert_batch")
+        self._maybe_fail()
         if state not in STATES:
             raise ValueError(f"no task state {state!r}")
         now, rows = self.clock(), []
@@ -95,49 +93,49 @@ class InMemoryStore:
         return rows
 
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]:
-        self._enter("mark_processing")
+        self._maybe_fail()
         return [t.row for t in self._move(ids, "received", "processing", self.clock())]
 
     async def mark_done(self, ids: Sequence[int]) -> list[int]:
-        self._enter("mark_done")
+        self._maybe_fail()
         won = self._move(ids, "processing", "done", self.clock())
         for task in won:
             self._count_done(task)
         return [t.row.id for t in won]
 
     async def release_processing(self, ids: Sequence[int]) -> list[int]:
-        self._enter("release_processing")
+        self._maybe_fail()
         # Stamped 0: the next redelivery sweep takes it at once (see queries.sql).
         return [t.row.id for t in self._move(ids, "processing", "received", 0.0)]
 
     async def ping(self) -> None:
-        self._enter("ping")
+        self._maybe_fail()
 
     async def existing_ids(self, ids: Sequence[int]) -> set[int]:
-        self._enter("existing_ids")
+        self._maybe_fail()
         return {i for i in ids if i in self.tasks}
 
     async def count_unfinished(self) -> int:
-        self._enter("count_unfinished")
+        self._maybe_fail()
         return sum(1 for t in self.tasks.values() if t.state != "done")
 
     async def count_by_state(self) -> dict[str, int]:
-        self._enter("count_by_state")
+        self._maybe_fail()
         counts = dict.fromkeys(STATES, 0)
         for task in self.tasks.values():
             counts[task.state] += 1
         return counts
 
     async def done_totals_by_type(self) -> dict[int, tuple[int, int]]:
-        self._enter("done_totals_by_type")
+        self._maybe_fail()
         return {t: (n, s) for t, (n, s) in self.totals.items()}
 
     async def reclaim_expired(self, lease_s: float, limit: int) -> list[TaskRow]:
-        self._enter("reclaim_expired")
+        self._maybe_fail()
         return self._claim("processing", lease_s, limit, to="received")
 
     async def claim_stale_received(self, age_s: float, limit: int) -> list[TaskRow]:
-        self._enter("claim_stale_received")
+        self._maybe_fail()
         return self._claim("received", age_s, limit, to="received")
 
     # --- what other writers do (an operator, retention), for tests -------------------
@@ -153,10 +151,6 @@ class InMemoryStore:
         for task in self.tasks.values():
             if task.state != "done":
                 task.last_update_time -= seconds
-
-    def state_of(self, task_id: int) -> str | None:
-        task = self.tasks.get(task_id)
-        return None if task is None else task.state
 
 
 if TYPE_CHECKING:
