@@ -28,7 +28,6 @@ from daemons.store import TRANSIENT_ERRORS, TaskRow, TaskStore
 log = logging.getLogger("daemons.consumer")
 task_log = logging.getLogger("daemons.consumer.tasks")
 
-
 TASK_LINE_FIELDS = ("id", "type", "value", "type_sum")
 MAX_ROWS_PER_STATEMENT = 5000  # keeps one statement well under a second
 DONE_FLUSH_INTERVAL_S = 0.005  # group commit: statements start at least 5 ms apart ...
@@ -219,7 +218,7 @@ class Engine:
         free = self.max_in_flight - len(self.processing) - self.reserved
         room = max(0, min(n, free))
         granted = self.limiter.acquire(room)
-        rate_limited, busy = TaskStatus.RATE_LIMITED, TaskStatus.BUSY
+        rate_limited, busy = TaskStatus.RATE_LIMITED, TaskStatus.BUSY  # once, not per task
         statuses = [rate_limited if i < room else busy for i in range(n)]
         ids = [t.id for t in tasks]
         if granted < n:

@@ -275,6 +275,7 @@ class Outbox:
             self.slots.release()
 
     def _settle(self, rows: list[TaskRow], statuses: Sequence[TaskStatus]) -> None:
+        # Looked up once per batch, not once per task.
         accepted, duplicate, invalid = TaskStatus.ACCEPTED, TaskStatus.DUPLICATE, TaskStatus.INVALID
         refused = []
         for row, status in zip(rows, statuses, strict=True):
