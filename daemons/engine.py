@@ -15,19 +15,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Generic, TypeVar
 
 from daemons import logs, metrics
 from daemons.errors import Draining
 from daemons.limiter import SlidingWindowLimiter
 from daemons.logs import fields
-from daemons.store import TRANSIENT_ERRORS, Store, TaskRow
+from daemons.outage import Outage
+from daemons.store import TRANSIENT_ERRORS, TaskRow, TaskStore
 
 log = logging.getLogger("daemons.consumer")
 task_log = logging.getLogger("daemons.consumer.tasks")
-
-# Statuses, mirroring tasks.v1.TaskStatus without importing gRPC here.
-ACCEPTED, RATE_LIMITED, DUPLICATE, INVALID, BUSY = 1, 2, 3, 4, 5
 
 TASK_LINE_FIELDS = ("id", "type", "value", "type_sum")
 MAX_ROWS_PER_STATEMENT = 5000  # keeps one statement well under a second
@@ -40,6 +39,17 @@ FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished wor
 
 In = TypeVar("In")
 R = TypeVar("R")
+
+
+class TaskStatus(IntEnum):
+    """What became of one delivered task: tasks.v1.TaskStatus without importing gRPC
+    here (tests/unit pins every member to the generated enum's name and value)."""
+
+    ACCEPTED = 1
+    RATE_LIMITED = 2
+    DUPLICATE = 3
+    INVALID = 4
+    BUSY = 5
 
 
 @dataclass(slots=True)
@@ -71,7 +81,7 @@ class Coalescer(Generic[In, R]):
         name: str,
         run: Callable[[list[In]], Awaitable[list[R | None]]],
         on_rows: Callable[[list[R]], None],
-        db_state: Callable[[bool, BaseException | None], None],
+        outage: Outage,
         max_items: int = MAX_ROWS_PER_STATEMENT,
         min_gap_s: float = ADMIT_GAP_S,
         full: int = ADMIT_FULL,
@@ -79,7 +89,7 @@ class Coalescer(Generic[In, R]):
         self.name = name
         self._run = run
         self._on_rows = on_rows
-        self._db_state = db_state
+        self._outage = outage
         self._max = max_items
         self._pace = Pacer(min_gap_s, full)
         self._queue: list[tuple[list[In], asyncio.Future[list[R | None]]]] = []
@@ -108,12 +118,12 @@ class Coalescer(Generic[In, R]):
                 try:
                     results = await self._run(items)
                 except TRANSIENT_ERRORS as exc:
-                    self._db_state(False, exc)
+                    self._outage.failing(exc)
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
-                self._db_state(True, None)
+                self._outage.ok()
                 self._on_rows([r for r in results if r is not None])
                 pos = 0
                 for chunk, fut in batch:
@@ -147,14 +157,14 @@ class Pacer:
 
 @dataclass
 class Engine:
-    store: Store
+    store: TaskStore
     rate_limit: int
     rate_period_s: float
     max_in_flight: int
     work_scale: float = 1.0
     # Told when database writes start or stop failing (the consumer flips its health).
     on_db_state: Callable[[bool], None] | None = None
-    db_failing_since: float | None = None
+    db: Outage = field(init=False)
     limiter: SlidingWindowLimiter = field(init=False)
     draining: bool = False
     # Admitted and not yet written `done`: id -> (row, work timer or None once finished).
@@ -171,24 +181,16 @@ class Engine:
     def __post_init__(self) -> None:
         self.limiter = SlidingWindowLimiter(self.rate_limit, self.rate_period_s)
         self._idle.set()
+        self.db = Outage("db_write", log, on_change=self._db_changed)
         self.marker: Coalescer[int, TaskRow] = Coalescer(
-            "mark-processing", self._mark_processing, self._start_work, self._db_state
+            "mark-processing", self._mark_processing, self._start_work, self.db
         )
         self.registrar: Coalescer[NewTask, TaskRow] = Coalescer(
-            "register", self._register, self._start_work, self._db_state
+            "register", self._register, self._start_work, self.db
         )
 
-    def _db_state(self, ok: bool, error: BaseException | None) -> None:
-        """One log line per outage episode, a gauge, and the health hook."""
-        if ok and self.db_failing_since is not None:
-            took = time.monotonic() - self.db_failing_since
-            self.db_failing_since = None
-            log.info("db_write_recovered", extra=fields(after_s=round(took, 2)))
-        elif not ok and self.db_failing_since is None:
-            self.db_failing_since = time.monotonic()
-            log.warning("db_write_failing", extra=fields(error=str(error).strip()[:300]))
-        else:
-            return
+    def _db_changed(self, ok: bool) -> None:
+        """At each edge of a write outage: the gauge, and the health hook."""
         metrics.db_write_failing.set(0 if ok else 1)
         if self.on_db_state is not None:
             self.on_db_state(ok)
@@ -205,7 +207,7 @@ class Engine:
 
     # --- admission ---------------------------------------------------------------
 
-    async def admit(self, tasks: Sequence[NewTask]) -> tuple[list[int], list[int]]:
+    async def admit(self, tasks: Sequence[NewTask]) -> tuple[list[int], list[TaskStatus]]:
         """Admit what the limiter and the in-flight cap allow. Returns (ids, statuses) in
         request order. Raises Draining while stopping."""
         if self.draining:
@@ -216,7 +218,8 @@ class Engine:
         free = self.max_in_flight - len(self.processing) - self.reserved
         room = max(0, min(n, free))
         granted = self.limiter.acquire(room)
-        statuses = [RATE_LIMITED if i < room else BUSY for i in range(n)]
+        rate_limited, busy = TaskStatus.RATE_LIMITED, TaskStatus.BUSY  # once, not per task
+        statuses = [rate_limited if i < room else busy for i in range(n)]
         ids = [t.id for t in tasks]
         if granted < n:
             limited = room - granted
@@ -237,18 +240,18 @@ class Engine:
                 existing = await self.store.existing_ids(losers) if losers else set()
                 for i, row in zip(known, rows, strict=True):
                     if row is not None:
-                        statuses[i] = ACCEPTED
+                        statuses[i] = TaskStatus.ACCEPTED
                     elif tasks[i].id in existing:
-                        statuses[i] = DUPLICATE
+                        statuses[i] = TaskStatus.DUPLICATE
                         metrics.rejected["duplicate"].inc()
                     else:
-                        statuses[i] = INVALID
+                        statuses[i] = TaskStatus.INVALID
                         metrics.rejected["invalid"].inc()
             if fresh:
                 rows = await self.registrar.submit([tasks[i] for i in fresh])
                 for i, row in zip(fresh, rows, strict=True):
                     if row is not None:
-                        statuses[i], ids[i] = ACCEPTED, row.id
+                        statuses[i], ids[i] = TaskStatus.ACCEPTED, row.id
         finally:
             self.reserved -= granted
         return ids, statuses
@@ -322,11 +325,11 @@ class Engine:
                 try:
                     won = set(await self.store.mark_done([row.id for row, _ in batch]))
                 except TRANSIENT_ERRORS as exc:
-                    self._db_state(False, exc)
+                    self.db.failing(exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
-                self._db_state(True, None)
+                self.db.ok()
                 delay = 0.05
                 del self._finished[: len(batch)]
                 metrics.batch_done.observe(len(batch))
@@ -368,13 +371,13 @@ class Engine:
         arrives meanwhile (with health NOT_SERVING, producers stop sending)."""
         while True:
             await asyncio.sleep(every_s)
-            if self.db_failing_since is None:
+            if not self.db.active:
                 continue
             try:
                 await self.store.ping()
             except TRANSIENT_ERRORS:
                 continue
-            self._db_state(True, None)
+            self.db.ok()
 
     # --- drain ---------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Protocol
 from daemons import metrics
 from daemons.lifecycle import Lifecycle
 from daemons.logs import fields
+from daemons.outage import Outage
 from daemons.store import TRANSIENT_ERRORS, MaintenanceReport, Store
 
 log = logging.getLogger("daemons.maintenance")
@@ -46,7 +47,7 @@ class Maintenance:
         self.ahead_s = ahead_s(self.width_s)
         self.passes = 0
         self.dropped = 0
-        self._failing_since: float | None = None
+        self.outage = Outage("maintenance", log)
         store.partition_s = self.width_s
         metrics.retention_seconds.set(retention_s)
 
@@ -87,18 +88,10 @@ class Maintenance:
             try:
                 await self.run_once()
             except TRANSIENT_ERRORS as exc:  # lock and statement timeouts are among them
-                self._trouble(exc)
+                self.outage.failing(exc)
             else:
-                if self._failing_since is not None:
-                    took = time.monotonic() - self._failing_since
-                    self._failing_since = None
-                    log.info("maintenance_recovered", extra=fields(after_s=round(took, 2)))
+                self.outage.ok()
             await asyncio.sleep(self.interval_s)
-
-    def _trouble(self, exc: BaseException) -> None:
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-            log.warning("maintenance_failing", extra=fields(error=str(exc).strip()[:300]))
 
 
 class _Settings(Protocol):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, LiteralString
+from typing import Any, LiteralString, Protocol
 
 import psycopg
 from psycopg import sql
@@ -160,6 +160,44 @@ class TaskRow:
     type: int
     value: int
     creation_time: float
+
+
+class TaskStore(Protocol):
+    """The domain operations the engines call: the seam between their logic and
+    PostgreSQL. `Store` below is the real one; `daemons.testing.InMemoryStore` is a fake
+    held to the same outcomes by contract tests (tests/integration/test_store_contract.py).
+
+    Every transition is conditional: ids not in the expected state are left alone and
+    left out of the result, so a duplicate or late delivery wins nothing."""
+
+    async def insert_batch(
+        self,
+        types: Sequence[int],
+        values: Sequence[int],
+        creation_times: Sequence[float],
+        *,
+        state: str = "received",
+    ) -> list[TaskRow]: ...
+
+    async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]: ...
+
+    async def mark_done(self, ids: Sequence[int]) -> list[int]: ...
+
+    async def release_processing(self, ids: Sequence[int]) -> list[int]: ...
+
+    async def ping(self) -> None: ...
+
+    async def existing_ids(self, ids: Sequence[int]) -> set[int]: ...
+
+    async def count_unfinished(self) -> int: ...
+
+    async def count_by_state(self) -> dict[str, int]: ...
+
+    async def done_totals_by_type(self) -> dict[int, tuple[int, int]]: ...
+
+    async def reclaim_expired(self, lease_s: float, limit: int) -> list[TaskRow]: ...
+
+    async def claim_stale_received(self, age_s: float, limit: int) -> list[TaskRow]: ...
 
 
 class Store:

@@ -1,3 +1,6 @@
+"""What only the real store has: several writers at once, live migrations, triggers.
+The operations one by one are in test_store_contract.py, held against the fake too."""
+
 import asyncio
 import logging
 import os
@@ -16,30 +19,6 @@ async def _store(url: str) -> Store:
     store = Store(url, pool_size=3, name="test")
     await store.open(10)
     return store
-
-
-async def test_insert_and_transitions_are_conditional(db_url: str) -> None:
-    store = await _store(db_url)
-    try:
-        rows = await store.insert_batch([1, 2, 3], [10, 20, 30], [time.time()] * 3)
-        assert sorted((r.type, r.value) for r in rows) == [(1, 10), (2, 20), (3, 30)]
-        ids = [r.id for r in rows]
-        assert states(db_url) == {"received": 3, "processing": 0, "done": 0}
-        won = await store.mark_processing(ids)
-        assert sorted(r.id for r in won) == sorted(ids)
-        # A second delivery changes nothing and wins nothing.
-        assert await store.mark_processing(ids) == []
-        assert sorted(await store.mark_done(ids[:2])) == sorted(ids[:2])
-        assert await store.mark_done(ids[:2]) == []
-        assert await store.count_unfinished() == 1
-        totals = await store.done_totals_by_type()
-        assert {t: v for t, v in totals.items() if v != (0, 0)} == {1: (1, 10), 2: (1, 20)}
-        assert sorted(totals) == list(range(10))
-        assert await store.existing_ids([ids[0], 999_999]) == {ids[0]}
-        assert await store.release_processing([ids[2]]) == [ids[2]]
-        assert states(db_url) == {"received": 1, "processing": 0, "done": 2}
-    finally:
-        await store.close()
 
 
 async def test_sweeps_claim_each_row_once_across_producers(db_url: str) -> None:

@@ -8,49 +8,15 @@ Each test also runs its scenario with no gap, where the pacing assertions must f
 from __future__ import annotations
 
 import asyncio
-import selectors
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import logging
 
 import pytest
 
 from daemons import engine as eng
+from daemons.outage import Outage
+from tests.virtual_clock import run
 
-T = TypeVar("T")
 GAP_S = 0.02
-
-
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock stands still while callbacks run and, when the loop
-    would wait, jumps straight to its next timer: a sleep takes exactly as long as
-    asked, in no real time. Nothing to wait for at all is a deadlock, and fails."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        super().__init__(_JumpingSelector(self))
-
-    def time(self) -> float:
-        return self.now
-
-
-class _JumpingSelector(selectors.DefaultSelector):
-    def __init__(self, loop: VirtualClockLoop) -> None:
-        super().__init__()
-        self.loop = loop
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is None:
-            raise RuntimeError("deadlock: nothing ready and no timer pending")
-        self.loop.now += timeout
-        return super().select(0)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    loop = VirtualClockLoop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 async def spaced(gap_s: float) -> tuple[float, float, float]:
@@ -104,9 +70,9 @@ async def trickle(gap_s: float) -> tuple[list[int], float]:
         await asyncio.sleep(0.002)
         return list(items)
 
-    states: list[bool] = []
+    outage = Outage("test", logging.getLogger("test"))
     co: eng.Coalescer[int, int] = eng.Coalescer(
-        "test", statement, lambda rows: None, lambda ok, exc: states.append(ok), min_gap_s=gap_s
+        "test", statement, lambda rows: None, outage, min_gap_s=gap_s
     )
     loop = asyncio.get_running_loop()
     runner = loop.create_task(co.run_forever())
@@ -119,7 +85,7 @@ async def trickle(gap_s: float) -> tuple[list[int], float]:
     finally:
         runner.cancel()
     assert results == [[i] for i in range(200)]  # each caller gets its own row back
-    assert sum(batches) == 200 and all(states)
+    assert sum(batches) == 200 and not outage.active
     return batches, loop.time()
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from daemons import schema_dir
 from daemons.errors import InvalidTask
-from daemons.producer import batch_size, random_tasks
+from daemons.outbox import batch_size, random_tasks
 from daemons.protogen import ROOT, generate
 from daemons.rpc.tasks.v1 import tasks_pb2
 from daemons.rpc_server import validate_batch

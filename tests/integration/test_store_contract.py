@@ -1,0 +1,201 @@
+"""The store's contract: every test runs against the in-memory fake and against the real
+store on a fresh migrated database, with the same assertions, so the fake the unit
+tests rely on cannot drift from PostgreSQL.
+
+`-k memory` runs only the fake's side (no database at all)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from daemons.store import Store, TaskRow, TaskStore
+from daemons.testing import InMemoryStore
+from tests.conftest import sql, states
+
+
+@dataclass
+class Backend:
+    """One implementation, and what other writers (an operator, retention, the clock)
+    do to its rows, which the contract itself has no operation for."""
+
+    url: str | None  # None: the fake
+
+    @asynccontextmanager
+    async def store(self) -> AsyncIterator[TaskStore]:
+        if self.url is None:
+            self.fake = InMemoryStore()
+            yield self.fake
+            return
+        real = Store(self.url, pool_size=2, name="contract")
+        await real.open(10)
+        try:
+            yield real
+        finally:
+            await real.close()
+
+    def backdate(self, seconds: float) -> None:
+        """Unfinished tasks last touched `seconds` earlier (done ones live in partitions
+        by their done time, and stay)."""
+        if self.url is None:
+            self.fake.backdate(seconds)
+        else:
+            sql(
+                self.url,
+                "UPDATE tasks SET last_update_time = last_update_time - %s WHERE state <> 'done'",
+                (seconds,),
+            )
+
+    def delete(self, ids: Iterable[int]) -> None:
+        if self.url is None:
+            self.fake.delete(ids)
+        else:
+            sql(self.url, "DELETE FROM tasks WHERE id = ANY(%s)", (list(ids),))
+
+    def states(self) -> dict[str, int]:
+        """What is stored, read around the operations under test."""
+        if self.url is not None:
+            return states(self.url)
+        out = {"received": 0, "processing": 0, "done": 0}
+        for task in self.fake.tasks.values():
+            out[task.state] += 1
+        return out
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "memory":
+        return Backend(None)
+    return Backend(request.getfixturevalue("db_url"))
+
+
+def _ids(rows: Iterable[TaskRow]) -> list[int]:
+    return sorted(r.id for r in rows)
+
+
+async def test_insert_gives_increasing_ids_and_the_rows_back(backend: Backend) -> None:
+    async with backend.store() as store:
+        now = time.time()
+        rows = await store.insert_batch([1, 2, 3], [10, 20, 30], [now, now + 1, now + 2])
+        assert [(r.type, r.value, r.creation_time) for r in sorted(rows, key=lambda r: r.id)] == [
+            (1, 10, now),
+            (2, 20, now + 1),
+            (3, 30, now + 2),
+        ]
+        more = await store.insert_batch([4], [40], [now])
+        assert min(r.id for r in more) > max(r.id for r in rows)
+        await store.insert_batch([5, 5], [1, 1], [now] * 2, state="processing")
+        assert backend.states() == {"received": 4, "processing": 2, "done": 0}
+        assert await store.count_by_state() == backend.states()
+        assert await store.count_unfinished() == 6
+
+
+async def test_each_transition_wins_once_and_only_from_its_state(backend: Backend) -> None:
+    async with backend.store() as store:
+        rows = await store.insert_batch([1, 1, 2, 3], [10, 20, 30, 40], [time.time()] * 4)
+        ids = _ids(rows)
+        assert await store.mark_done(ids) == []  # received: not done yet
+        assert _ids(await store.mark_processing(ids[:3] + ids[:1])) == ids[:3]  # id 0 twice
+        assert await store.mark_processing(ids[:3]) == []  # a second delivery wins nothing
+        assert sorted(await store.mark_done(ids[:2])) == ids[:2]
+        assert await store.mark_done(ids[:2]) == []
+        assert await store.release_processing(ids) == [ids[2]]  # only the processing one
+        assert await store.release_processing(ids) == []
+        assert backend.states() == {"received": 2, "processing": 0, "done": 2}
+        assert await store.count_by_state() == backend.states()
+        assert await store.count_unfinished() == 2
+        # A done task never comes back.
+        assert await store.mark_processing(ids[:2]) == []
+        assert await store.release_processing(ids[:2]) == []
+
+
+async def test_mark_processing_returns_the_whole_row(backend: Backend) -> None:
+    async with backend.store() as store:
+        created = time.time() - 5
+        (row,) = await store.insert_batch([7], [77], [created])
+        (won,) = await store.mark_processing([row.id])
+        assert (won.id, won.type, won.value, won.creation_time) == (row.id, 7, 77, created)
+
+
+async def test_existing_ids_are_those_stored_in_any_state(backend: Backend) -> None:
+    async with backend.store() as store:
+        ids = _ids(await store.insert_batch([0, 0, 0], [1, 1, 1], [time.time()] * 3))
+        await store.mark_processing(ids[1:])
+        await store.mark_done(ids[2:])
+        assert await store.existing_ids([*ids, 999_999]) == set(ids)
+        assert await store.existing_ids([]) == set()
+        backend.delete(ids[:1])
+        assert await store.existing_ids(ids) == set(ids[1:])
+
+
+async def test_done_totals_are_lifetime_per_type(backend: Backend) -> None:
+    async with backend.store() as store:
+        assert await store.done_totals_by_type() == {t: (0, 0) for t in range(10)}
+        ids = _ids(await store.insert_batch([1, 1, 2, 9], [10, 5, 20, 99], [time.time()] * 4))
+        await store.mark_processing(ids)
+        await store.mark_done(ids[:3])
+        await store.mark_done(ids[:3])  # lost transitions count nothing
+        (late,) = await store.insert_batch([9], [1], [time.time()], state="processing")
+        await store.mark_done([late.id])
+        totals = await store.done_totals_by_type()
+        assert sorted(totals) == list(range(10))
+        assert {t: v for t, v in totals.items() if v != (0, 0)} == {
+            1: (2, 15),
+            2: (1, 20),
+            9: (1, 1),
+        }
+        # Removing done rows (retention, or by hand) leaves the lifetime totals alone,
+        # while the counts say what is stored.
+        backend.delete(ids[:3])
+        assert await store.done_totals_by_type() == totals
+        assert await store.count_by_state() == {"received": 0, "processing": 1, "done": 1}
+
+
+async def test_expired_leases_are_reclaimed_once_oldest_first(backend: Backend) -> None:
+    async with backend.store() as store:
+        ids = _ids(await store.insert_batch([0] * 6, [1] * 6, [time.time()] * 6))
+        await store.mark_processing(ids[:4])
+        backend.backdate(100)
+        (fresh,) = await store.insert_batch([0], [1], [time.time()], state="processing")
+        assert await store.reclaim_expired(1000, 10) == []  # not old enough
+        first = await store.reclaim_expired(10, 3)
+        assert len(first) == 3 and set(_ids(first)) <= set(ids[:4])
+        rest = await store.reclaim_expired(10, 10)
+        assert _ids(first + rest) == ids[:4]  # each once; the fresh lease is left alone
+        assert await store.reclaim_expired(10, 10) == []  # reclaimed rows are restamped
+        assert backend.states() == {"received": 6, "processing": 1, "done": 0}
+        assert await store.mark_processing([fresh.id]) == []  # still processing
+
+
+async def test_stale_received_are_claimed_once_and_stay_received(backend: Backend) -> None:
+    async with backend.store() as store:
+        ids = _ids(await store.insert_batch([0] * 5, [1] * 5, [time.time()] * 5))
+        await store.mark_processing(ids[4:])
+        backend.backdate(100)
+        new = _ids(await store.insert_batch([0], [1], [time.time()]))
+        assert await store.claim_stale_received(1000, 10) == []
+        first = await store.claim_stale_received(10, 2)
+        rest = await store.claim_stale_received(10, 10)
+        assert len(first) == 2 and _ids(first + rest) == ids[:4]  # not the processing one
+        assert await store.claim_stale_received(10, 10) == []  # restamped
+        assert backend.states() == {"received": 5, "processing": 1, "done": 0}
+        assert _ids(await store.mark_processing(ids[:4] + new)) == ids[:4] + new
+
+
+async def test_released_work_is_stale_at_once(backend: Backend) -> None:
+    """A draining consumer's unfinished work goes back stamped 0, so the next sweep
+    sends it again whatever the threshold."""
+    async with backend.store() as store:
+        ids = _ids(await store.insert_batch([3, 3], [1, 1], [time.time()] * 2))
+        await store.mark_processing(ids)
+        assert await store.release_processing(ids[:1]) == ids[:1]
+        assert _ids(await store.claim_stale_received(3600, 10)) == ids[:1]
+
+
+async def test_ping(backend: Backend) -> None:
+    async with backend.store() as store:
+        assert await store.ping() is None

@@ -1,0 +1,157 @@
+"""The consumer's engine on the in-memory store and a virtual clock: admission (limiter,
+in-flight cap), duplicates counted once, unknown ids, drain, a write outage. No I/O:
+work timers and group-commit gaps run in virtual time. tests/integration/test_engine.py
+runs the same engine on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import psycopg
+import pytest
+
+from daemons import engine as eng
+from daemons.engine import NewTask, TaskStatus
+from daemons.errors import Draining
+from daemons.testing import InMemoryStore
+from tests.engines import start_engine, stop_loops, until
+from tests.virtual_clock import run
+
+ACCEPTED = TaskStatus.ACCEPTED
+
+
+async def _tasks(store: InMemoryStore, types: list[int], values: list[int]) -> list[NewTask]:
+    rows = await store.insert_batch(types, values, [time.time()] * len(types))
+    return [NewTask(r.id, r.type, r.value, r.creation_time) for r in rows]
+
+
+def _states(store: InMemoryStore) -> dict[str, int]:
+    out = {"received": 0, "processing": 0, "done": 0}
+    for task in store.tasks.values():
+        out[task.state] += 1
+    return out
+
+
+def test_the_limiter_refuses_without_writing() -> None:
+    async def scenario() -> None:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, rate_limit=3, rate_period_s=60, work_scale=0)
+        _, statuses = await engine.admit(await _tasks(store, [0] * 5, [1] * 5))
+        assert statuses == [ACCEPTED] * 3 + [TaskStatus.RATE_LIMITED] * 2
+        await until(lambda: not engine.processing)
+        assert _states(store) == {"received": 2, "processing": 0, "done": 3}
+        await stop_loops(loops)
+
+    run(scenario())
+
+
+def test_the_in_flight_cap_answers_busy() -> None:
+    async def scenario() -> None:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, max_in_flight=2, work_scale=100)  # 5 s of work
+        _, statuses = await engine.admit(await _tasks(store, [0] * 3, [50] * 3))
+        assert statuses == [ACCEPTED] * 2 + [TaskStatus.BUSY]
+        _, statuses = await engine.admit(await _tasks(store, [0], [50]))
+        assert statuses == [TaskStatus.BUSY]  # still full
+        await until(lambda: not engine.processing)
+        _, statuses = await engine.admit(await _tasks(store, [0], [1]))
+        assert statuses == [ACCEPTED]  # room again once the work is done
+        await stop_loops(loops)
+
+    run(scenario())
+
+
+def test_a_second_delivery_is_a_duplicate_and_counted_once() -> None:
+    async def scenario() -> tuple[eng.Engine, InMemoryStore]:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, work_scale=0.1)
+        tasks = await _tasks(store, [1, 1, 2], [5, 7, 9])
+        # Delivered twice at once (a redelivery racing the first send), then once more.
+        first, second = await asyncio.gather(engine.admit(tasks), engine.admit(tasks))
+        assert sorted(first[1] + second[1]) == sorted([ACCEPTED] * 3 + [TaskStatus.DUPLICATE] * 3)
+        await until(lambda: not engine.processing)
+        _, again = await engine.admit(tasks)
+        assert again == [TaskStatus.DUPLICATE] * 3
+        await stop_loops(loops)
+        return engine, store
+
+    engine, store = run(scenario())
+    assert engine.done_total == 3 and engine.counts[1] == 2 and engine.sums[1] == 12
+    assert engine.sums[2] == 9 and store.totals[1] == [2, 12] and store.totals[2] == [1, 9]
+
+
+def test_unknown_ids_are_invalid_and_change_nothing() -> None:
+    async def scenario() -> None:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store)
+        known = await _tasks(store, [3], [1])
+        _, statuses = await engine.admit([NewTask(10_000, 1, 1), *known])
+        assert statuses == [TaskStatus.INVALID, ACCEPTED]
+        assert 10_000 not in store.tasks
+        await stop_loops(loops)
+
+    run(scenario())
+
+
+def test_new_tasks_are_registered_and_worked() -> None:
+    async def scenario() -> None:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, work_scale=0)
+        ids, statuses = await engine.admit([NewTask(0, 3, 30), NewTask(0, 4, 40)])
+        assert statuses == [ACCEPTED] * 2 and ids[0] < ids[1]
+        await until(lambda: not engine.processing)
+        assert [(store.tasks[i].row.type, store.tasks[i].state) for i in ids] == [
+            (3, "done"),
+            (4, "done"),
+        ]
+        await stop_loops(loops)
+
+    run(scenario())
+
+
+def test_drain_gives_unfinished_work_back_to_received() -> None:
+    async def scenario() -> None:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, work_scale=100)  # 0.1 s and 5 s of work
+        _, statuses = await engine.admit(await _tasks(store, [0, 0, 0], [1, 50, 50]))
+        assert statuses == [ACCEPTED] * 3
+        finished, released = await engine.drain(1.0)
+        assert (finished, released) == (1, 2)
+        assert _states(store) == {"received": 2, "processing": 0, "done": 1}
+        assert not engine.processing
+        with pytest.raises(Draining):
+            await engine.admit(await _tasks(store, [0], [1]))
+        await stop_loops(loops)
+
+    run(scenario())
+
+
+def test_a_write_outage_is_reported_once_and_flips_health(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    health: list[bool] = []
+
+    async def scenario() -> None:
+        store = InMemoryStore()
+        engine, loops = await start_engine(
+            store, probe_s=0.1, on_db_state=health.append, work_scale=0
+        )
+        tasks = await _tasks(store, [0, 0], [1, 1])
+        store.fail = psycopg.OperationalError("terminating connection due to administrator")
+        for task in tasks:
+            with pytest.raises(psycopg.OperationalError):
+                await engine.admit([task])
+        assert engine.db.active and health == [False]
+        store.fail = None
+        await until(lambda: not engine.db.active)  # the probe finds it back, no traffic
+        _, statuses = await engine.admit(tasks)
+        assert statuses == [ACCEPTED] * 2
+        await stop_loops(loops)
+
+    run(scenario())
+    assert health == [False, True]
+    events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("db_write")]
+    assert events == ["db_write_failing", "db_write_recovered"]
