@@ -68,7 +68,6 @@ DEFAULT_OUT = ROOT / "profiles"
 WORKLOADS = {"zero": "0", "default": "1"}  # CONSUMER_WORK_SCALE
 MAX_RATE = "1000000"  # PRODUCER_RATE's upper bound
 HIGH_LIMIT = "1000000000"  # CONSUMER_RATE_LIMIT: never the limit
-CEILING_BATCH = 1000
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
@@ -528,7 +527,7 @@ def ceiling(url: str, seconds: float, pg_pid: int) -> dict[str, Any]:
     server. Our own schema can change; this must not, or the ratio means nothing."""
     import psycopg
 
-    from daemons.bench.layouts import PLAIN, measure
+    from daemons.bench.layouts import BATCH, PLAIN, measure
 
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS ceiling CASCADE")
@@ -547,7 +546,7 @@ def ceiling(url: str, seconds: float, pg_pid: int) -> dict[str, Any]:
     return {
         "tasks_per_s": tasks_per_s,
         "tasks": int(done),
-        "batch": CEILING_BATCH,
+        "batch": BATCH,
         "table": "plain (primary key only, no trigger)",
         "seconds": round(elapsed, 2),
         "cpu_s_per_1k": {"python": cpu["bench"] / k, "postgres": cpu["postgres"] / k},
@@ -756,7 +755,7 @@ def run_workload(
             time.sleep(0.2)
         counted = sum(scrape_done(p) or 0 for p in ports)
         # Lifetime done (the rollup): retention may have removed rows in the meantime.
-        db_done = int(conn.execute("SELECT sum(done) FROM task_totals").fetchone()[0])
+        db_done = lifetime_done(conn)
         exit_codes.update(
             {
                 name: stop(d.popen, signal.SIGTERM, STOP_TIMEOUT_S)
@@ -824,7 +823,7 @@ def run_workload(
     if spies:
         result["profile"] = summarize_profiles(spies, opts.seconds, workload, stamp)
     if opts.ceiling_seconds > 0 and not label:
-        progress.show(f"[{workload}] ceiling: psycopg, batches of {CEILING_BATCH}")
+        progress.show(f"[{workload}] ceiling: a plain table, one psycopg process")
         result["ceiling"] = ceiling(url, opts.ceiling_seconds, pg_pid)
         result["ratio_to_ceiling"] = result["tasks_per_s"] / result["ceiling"]["tasks_per_s"]
         progress.done()
