@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 _FIELDS = "fields"
@@ -61,6 +62,27 @@ class JsonFormatter(logging.Formatter):
 
 
 _handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
+
+
+def id_ranges(ids: Iterable[int]) -> str:
+    """Ids as sorted inclusive runs, `1-5,9,12-13`: a batch's ids are mostly one run of
+    the sequence, so a log line stays short whatever the batch size."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def parse_id_ranges(text: str) -> list[int]:
+    """The inverse of id_ranges."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def emit_rows(

@@ -208,7 +208,7 @@ class Supervisor:
     `workdir/conf/` so that `%(here)s/../var` lands in the test's directory)."""
 
     def __init__(self, bundle: Bundle, **env: str) -> None:
-        self.kills: list[float] = []  # when a test SIGKILLed one of its programs
+        self.kills: dict[str, list[float]] = {}  # program: when a test SIGKILLed it
         self.in_flight: list[int] = []  # tasks in flight at each failure a test injected
         self.bundle = bundle
         root = bundle.workdir

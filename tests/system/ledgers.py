@@ -1,5 +1,11 @@
 """Independent accounts of what happened, to hold against the database (the truth).
 
+A producer's log is one: a `tasks_inserted` line per committed insert naming the ids it
+created, a `producer_started` line at each start and a `producer_stopped` line with its
+count at a clean exit. Every row must be named by exactly one line (a batch inserted
+twice, or a retried insert that had committed, leaves rows no producer owns), and each
+cleanly stopped process's count must equal its own lines.
+
 A consumer's log is a ledger of its own: one `task_done` line per task it moved to
 done, and a `consumer_started` line at each start. Its counters start at zero in each
 process, so the last process's counters must equal that process's own lines, and the
@@ -10,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from daemons.logs import parse_id_ranges
 from tests.conftest import sql
 
 
@@ -66,6 +73,38 @@ def consumer_ledger(*logs: str) -> ConsumerLedger:
     return ConsumerLedger(processes)
 
 
+@dataclass
+class ProducerProcess:
+    ids: list[int] = field(default_factory=list)
+    stopped_with: int | None = None  # `produced=` of its producer_stopped line
+
+
+def producer_ledger(log: str) -> list[ProducerProcess]:
+    """The producer processes of one log (supervisor appends every run to it)."""
+    processes: list[ProducerProcess] = []
+    for line in log.splitlines():
+        if " producer_started " in line:
+            processes.append(ProducerProcess())
+        elif " tasks_inserted " in line:
+            kv = _kv(line)
+            ids = parse_id_ranges(kv["ids"])
+            assert len(ids) == int(kv["n"]), line
+            processes[-1].ids.extend(ids)
+        elif " producer_stopped " in line:
+            processes[-1].stopped_with = int(_kv(line)["produced"])
+    return processes
+
+
+def compare_created(
+    processes: list[ProducerProcess], db_url: str
+) -> tuple[int, set[int], set[int]]:
+    """(ids named twice, rows no producer named, ids named that are not rows)."""
+    named = Counter(i for p in processes for i in p.ids)
+    rows = {int(r[0]) for r in sql(db_url, "SELECT id FROM tasks")}  # type: ignore[call-overload]
+    twice = sum(n - 1 for n in named.values() if n > 1)
+    return twice, rows - named.keys(), named.keys() - rows
+
+
 def done_ids(db_url: str) -> set[int]:
     return {int(r[0]) for r in sql(db_url, "SELECT id FROM tasks WHERE state = 'done'")}  # type: ignore[call-overload]
 
@@ -81,15 +120,18 @@ def compare(ledger: ConsumerLedger, db_url: str) -> tuple[int, set[int], set[int
 KILL_WINDOW_S = 0.5  # a SIGKILL between a commit and its log write loses those lines
 
 
-def unlogged_outside_kills(db_url: str, unlogged: set[int], kills: list[float]) -> list[int]:
-    """Of the done tasks no log names, those not explained by a SIGKILL: a process killed
-    right after its `done` commit never writes those lines (no log can be in the same
-    transaction), so a task may go unlogged only if it was done just before a kill."""
+def unlogged_outside_kills(
+    db_url: str, unlogged: set[int], kills: list[float], stamp: str = "last_update_time"
+) -> list[int]:
+    """Of the tasks no log names, those not explained by a SIGKILL: a process killed
+    right after its commit never writes those lines (no log can be in the same
+    transaction), so a task may go unlogged only if `stamp` (when it was done, or for
+    the producer's inserts when it was created) falls just before a kill."""
     if not unlogged:
         return []
     rows = sql(
         db_url,
-        "SELECT id, last_update_time FROM tasks WHERE id = ANY(%s)",
+        f"SELECT id, {stamp} FROM tasks WHERE id = ANY(%s)",
         (sorted(unlogged),),
     )
     return [

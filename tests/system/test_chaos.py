@@ -27,7 +27,13 @@ from tests.system.harness import (
     lifetime_by_type,
     wait_until,
 )
-from tests.system.ledgers import compare, consumer_ledger, unlogged_outside_kills
+from tests.system.ledgers import (
+    compare,
+    compare_created,
+    consumer_ledger,
+    producer_ledger,
+    unlogged_outside_kills,
+)
 
 TOTAL = 4000
 RATE = "600"  # tasks/s: each scenario runs ~5 s of steady flow plus recovery
@@ -106,6 +112,19 @@ def run_scenario(
         st = sup.status()
         assert "FATAL" not in st.values(), st
         produced = int(sql(db_url, "SELECT count(*) FROM tasks")[0][0])  # type: ignore[arg-type]
+        # Ledger 0, the producers' logs: every row created by exactly one committed insert
+        # that a producer logged (a row may go unnamed only if its producer was SIGKILLed
+        # right after the commit), each clean stop's count equal to its own lines, and the
+        # last run, which reached its total, made exactly the total.
+        producers = producer_ledger(sup.log("producer"))
+        twice, unnamed, not_rows = compare_created(producers, db_url)
+        assert not twice and not not_rows, (twice, sorted(not_rows)[:10])
+        assert not unlogged_outside_kills(
+            db_url, unnamed, sup.kills.get("producer", []), "creation_time"
+        ), f"rows no producer created: {sorted(unnamed)[:10]}"
+        for p in producers:
+            assert p.stopped_with in (None, len(p.ids)), (p.stopped_with, len(p.ids))
+        assert producers[-1].stopped_with == total, producers[-1].stopped_with
         final = states(db_url)
         lost = produced - final["done"]
         db = db_done_by_type(db_url)
@@ -114,7 +133,9 @@ def run_scenario(
         ledger = consumer_ledger(sup.log("consumer"))
         double, unlogged, not_done = compare(ledger, db_url)
         assert not not_done, f"logged done but not done: {sorted(not_done)[:10]}"
-        assert not unlogged_outside_kills(db_url, unlogged, sup.kills), sorted(unlogged)[:10]
+        assert not unlogged_outside_kills(db_url, unlogged, sup.kills.get("consumer", [])), sorted(
+            unlogged
+        )[:10]
         # Ledger 2, the last consumer process's counters (from zero at its start) against
         # its own lines: a double count inside that process shows here.
         wait_until(
@@ -132,7 +153,7 @@ def run_scenario(
         assert ledger.last_sums() == {t: s for t, (_, s) in db.items()}
         starts = {
             "consumer": ledger.starts,
-            "producer": sup.log("producer").count(" producer_started "),
+            "producer": len(producers),
         }
         assert starts == {**EXPECTED_STARTS, **(expect_starts or {})}, starts
         RESULTS.append(
@@ -219,7 +240,7 @@ def _in_flight(bundle: Bundle, sup: Supervisor, state: str = "processing") -> No
 def _kill_and_wait_restart(sup: Supervisor, program: str) -> None:
     """SIGKILL a program and wait until supervisor has a new process running for it."""
     old = sup.pid(program)
-    sup.kills.append(time.time())
+    sup.kills.setdefault(program, []).append(time.time())
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: sup.pid(program) not in (0, old), 20, f"{program} restarted")
 

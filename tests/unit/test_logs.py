@@ -4,6 +4,8 @@ import logging
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from daemons import logs
 
@@ -38,3 +40,13 @@ def test_emit_rows_writes_what_one_record_per_line_would(
     stream.truncate(0)
     logs.emit_rows(log, "task_done", names, rows)  # below the level: nothing
     assert stream.getvalue() == ""
+
+
+def test_id_ranges_are_short_runs() -> None:
+    assert logs.id_ranges([5, 1, 2, 3, 9, 12, 13]) == "1-3,5,9,12-13"
+    assert logs.id_ranges([]) == ""
+
+
+@given(st.sets(st.integers(min_value=1, max_value=10_000)))
+def test_id_ranges_round_trip(ids: set[int]) -> None:
+    assert logs.parse_id_ranges(logs.id_ranges(ids)) == sorted(ids)
