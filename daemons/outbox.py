@@ -234,21 +234,16 @@ class Outbox:
     async def _insert_and_send(self, n: int) -> None:
         """Insert a batch of n new tasks, then send it; holds a slot the caller took."""
         try:
-            types, values = random_tasks(n)
-            rows = await self.store.insert_batch(types, values, [time.time()] * n)
-        except TRANSIENT_ERRORS as exc:
-            self.db_insert.failing(exc)
-            if self.remaining is not None:
-                self.remaining += n  # nothing was created: make them again
-            self.slots.release()
-            return
+            rows = await self._insert(n)
         except BaseException:
             self.slots.release()
             raise
         finally:
             self.inserting -= 1
             self.inserting_tasks -= n
-        self.db_insert.ok()
+        if rows is None:
+            self.slots.release()
+            return
         self.produced += n
         metrics.tasks_produced.inc(n)
         # The producer's own account of what it created, one line per committed insert:
@@ -257,6 +252,40 @@ class Outbox:
         for row in rows:
             self.in_send[row.id] = row
         await self._send(rows)
+
+    async def _insert(self, n: int) -> list[TaskRow] | None:
+        """The batch's ids are reserved first, so every retry of its insert names the
+        same rows: a failure whose outcome is unknown (a reply lost after the commit) can
+        neither make a second copy nor lose the batch. None: nothing to send."""
+        try:
+            ids = await self.store.reserve_ids(n)
+        except TRANSIENT_ERRORS as exc:
+            self.db_insert.failing(exc)
+            if self.remaining is not None:
+                self.remaining += n  # nothing was created: make them again
+            return None
+        types, values = random_tasks(n)
+        now = time.time()
+        rows = [TaskRow(*r) for r in zip(ids, types, values, [now] * n, strict=True)]
+        retried, delay, stopping = False, FIRST_BACKOFF_S, self.lifecycle.stopping
+        while True:
+            try:
+                await self.store.insert_reserved(rows, retried=retried)
+                self.db_insert.ok()
+                return rows
+            except TRANSIENT_ERRORS as exc:
+                self.db_insert.failing(exc)
+            if stopping.is_set():
+                # Stopping with the outcome unknown: if the rows exist they are `received`,
+                # and a sweep sends them.
+                log.warning("tasks_insert_unsettled", extra=fields(n=n, ids=id_ranges(ids)))
+                return None
+            retried = True
+            try:
+                await asyncio.wait_for(stopping.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, self.backoff_max_s)
 
     # --- sending ---------------------------------------------------------------------
 

@@ -179,6 +179,12 @@ class TaskStore(Protocol):
         state: str = "received",
     ) -> list[TaskRow]: ...
 
+    async def reserve_ids(self, n: int) -> list[int]: ...
+
+    async def insert_reserved(
+        self, rows: Sequence[TaskRow], *, retried: bool = False, state: str = "received"
+    ) -> bool: ...
+
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]: ...
 
     async def mark_done(self, ids: Sequence[int]) -> list[int]: ...
@@ -275,6 +281,35 @@ class Store:
             },
         )
         return [TaskRow(*r) for r in rows]
+
+    async def reserve_ids(self, n: int) -> list[int]:
+        """n ids of the task sequence, for insert_reserved."""
+        return [r[0] for r in await self._rows("reserve_ids", {"n": n})]
+
+    async def insert_reserved(
+        self, rows: Sequence[TaskRow], *, retried: bool = False, state: str = "received"
+    ) -> bool:
+        """Insert tasks under ids from reserve_ids, in one statement. `retried`: an
+        earlier attempt failed with its outcome unknown (a lost reply may hide a commit),
+        so insert only if none of the ids is stored. True if this call inserted them;
+        False if they were already stored, by the earlier attempt."""
+        params = {
+            "ids": pg_array([r.id for r in rows]),
+            "types": pg_array([r.type for r in rows]),
+            "values": pg_array([r.value for r in rows]),
+            "creation_times": pg_array([r.creation_time for r in rows]),
+            "state": state,
+            "now": time.time(),
+        }
+        try:
+            out = await self._rows(
+                "insert_reserved_retry" if retried else "insert_reserved", params
+            )
+        except psycopg.errors.UniqueViolation:
+            if not retried:
+                raise
+            return False  # the earlier attempt's commit became visible meanwhile
+        return bool(out)
 
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]:
         """Move `received` tasks to `processing`; returns the rows that won the transition."""

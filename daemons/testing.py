@@ -39,6 +39,10 @@ class InMemoryStore:
         self.tasks: dict[int, StoredTask] = {}
         self.totals = {t: [0, 0] for t in TYPES}  # type -> [done count, value sum], lifetime
         self.fail: BaseException | None = None
+        # Set lose_reply for the next insert_reserved to commit and then raise
+        # lose_reply_error, as a connection lost before the reply does.
+        self.lose_reply = False
+        self.lose_reply_error: BaseException = ConnectionError("reply lost")
         self._next_id = 1
 
     def _maybe_fail(self) -> None:
@@ -91,6 +95,28 @@ class InMemoryStore:
                 self._count_done(task)
             rows.append(row)
         return rows
+
+    async def reserve_ids(self, n: int) -> list[int]:
+        self._maybe_fail()
+        first = self._next_id
+        self._next_id += n
+        return list(range(first, first + n))
+
+    async def insert_reserved(
+        self, rows: Sequence[TaskRow], *, retried: bool = False, state: str = "received"
+    ) -> bool:
+        self._maybe_fail()
+        if retried and any(r.id in self.tasks for r in rows):
+            return False
+        if any(r.id in self.tasks for r in rows):
+            raise ValueError("duplicate task id")  # the real store: UniqueViolation
+        now = self.clock()
+        for row in rows:
+            self.tasks[row.id] = StoredTask(row, state, now)
+        if self.lose_reply:
+            self.lose_reply = False
+            raise self.lose_reply_error
+        return True
 
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]:
         self._maybe_fail()

@@ -12,6 +12,29 @@ FROM unnest(%(types)s::smallint[], %(values)s::smallint[], %(creation_times)s::f
      AS u(type, value, creation_time)
 RETURNING id, type, value, creation_time
 
+-- name: reserve_ids
+-- The producer takes its batch's ids before it inserts, so an insert retried after a
+-- lost reply names the same rows and cannot make a second copy of them.
+SELECT nextval('task_ids') FROM generate_series(1, %(n)s)
+
+-- name: insert_reserved
+INSERT INTO tasks (id, type, value, state, creation_time, last_update_time)
+SELECT u.id, u.type, u.value, %(state)s::task_state, u.creation_time, %(now)s
+FROM unnest(%(ids)s::bigint[], %(types)s::smallint[], %(values)s::smallint[],
+            %(creation_times)s::float8[]) AS u(id, type, value, creation_time)
+RETURNING id
+
+-- name: insert_reserved_retry
+-- The retry of an insert whose outcome is unknown: nothing if any of its ids is stored
+-- (the first attempt committed; its reserved ids are nobody else's). Only retries pay
+-- for the lookups: one index probe per id and done partition.
+INSERT INTO tasks (id, type, value, state, creation_time, last_update_time)
+SELECT u.id, u.type, u.value, %(state)s::task_state, u.creation_time, %(now)s
+FROM unnest(%(ids)s::bigint[], %(types)s::smallint[], %(values)s::smallint[],
+            %(creation_times)s::float8[]) AS u(id, type, value, creation_time)
+WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE id = ANY(%(ids)s::bigint[]))
+RETURNING id
+
 -- name: mark_processing
 -- Driven from the id list (primary-key lookups): `id = ANY(...) AND state = ...` lets
 -- the planner prefer the state index once statistics say few rows are unfinished, and

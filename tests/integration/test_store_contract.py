@@ -94,6 +94,27 @@ async def test_insert_gives_increasing_ids_and_the_rows_back(backend: Backend) -
         assert await store.count_unfinished() == 6
 
 
+async def test_a_retried_reserved_insert_never_makes_a_second_copy(backend: Backend) -> None:
+    """Reserved ids are fresh and unique; a retry after a committed first attempt (its
+    reply lost) inserts nothing and says so, even once the rows have moved on to done."""
+    async with backend.store() as store:
+        (old,) = await store.insert_batch([0], [1], [time.time()])
+        ids = await store.reserve_ids(3)
+        assert len(set(ids)) == 3 and min(ids) > old.id
+        rows = [TaskRow(i, 2, 5, time.time()) for i in ids]
+        assert await store.insert_reserved(rows) is True
+        assert await store.insert_reserved(rows, retried=True) is False
+        await store.mark_processing(ids[:1])
+        await store.mark_done(ids[:1])
+        assert await store.insert_reserved(rows, retried=True) is False
+        assert backend.states() == {"received": 3, "processing": 0, "done": 1}
+        # A retry of an attempt that did not commit inserts the rows.
+        fresh = [TaskRow(i, 3, 7, time.time()) for i in await store.reserve_ids(2)]
+        assert await store.insert_reserved(fresh, retried=True) is True
+        assert backend.states()["received"] == 5
+        assert await store.count_unfinished() == 5
+
+
 async def test_each_transition_wins_once_and_only_from_its_state(backend: Backend) -> None:
     async with backend.store() as store:
         rows = await store.insert_batch([1, 1, 2, 3], [10, 20, 30, 40], [time.time()] * 4)

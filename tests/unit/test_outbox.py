@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from daemons.engine import TaskStatus
 from daemons.lifecycle import Lifecycle
+from daemons.logs import parse_id_ranges
 from daemons.outbox import FIRST_BACKOFF_S, Outbox, SendFailed
 from daemons.store import TaskRow
 from daemons.sweep import Sweep
@@ -214,6 +215,38 @@ def test_a_database_outage_is_reported_once_and_production_goes_on(
     events = _events(caplog, "db_count_failing", "db_count_recovered")
     assert [e for e, _ in events] == ["db_count_failing", "db_count_recovered"]
     assert isinstance(events[1][1]["after_s"], float)  # the wall clock's: not judged here
+
+
+def test_an_insert_whose_reply_was_lost_is_neither_repeated_nor_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store commits a batch and then fails as a dropped connection does: the retry
+    of the same reserved ids finds them stored, so the total is made exactly once and
+    every task is sent, counted and logged once."""
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> tuple[Consumer, Outbox, InMemoryStore]:
+        store = InMemoryStore()
+        store.lose_reply = True
+        store.lose_reply_error = psycopg.OperationalError("server closed the connection")
+        consumer = Consumer(store)
+        outbox, lifecycle = _outbox(store, consumer, rate=500, total=60, batch_max=20)
+        await _finished(outbox, lifecycle)
+        return consumer, outbox, store
+
+    consumer, outbox, store = run(scenario())
+    assert not store.lose_reply, "the fault was injected"
+    assert len(store.tasks) == 60 and outbox.produced == 60
+    sent = [i for _, ids in consumer.calls for i in ids]
+    assert sorted(sent) == sorted(store.tasks)
+    inserted = [
+        i for _, f in _events(caplog, "tasks_inserted") for i in parse_id_ranges(str(f["ids"]))
+    ]
+    assert sorted(inserted) == sorted(store.tasks)
+    assert [e for e, _ in _events(caplog, "db_insert_failing", "db_insert_recovered")] == [
+        "db_insert_failing",
+        "db_insert_recovered",
+    ]
 
 
 def test_swept_tasks_are_redelivered_once(caplog: pytest.LogCaptureFixture) -> None:
