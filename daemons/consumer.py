@@ -12,14 +12,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from daemons import debug, maintenance, metrics
-from daemons.engine import Engine
-from daemons.errors import DaemonError
+from daemons.engine import Engine, NewTask, TaskStatus
+from daemons.errors import DaemonError, Draining
 from daemons.lifecycle import Lifecycle
 from daemons.logs import fields
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from daemons.rpc_server import ConsumerServicer, ErrorsAndMetrics
 from daemons.settings import ConsumerSettings
-from daemons.store import Store
+from daemons.store import TRANSIENT_ERRORS, Store, TaskRow
+from daemons.sweep import Sweep
 
 log = logging.getLogger("daemons.consumer")
 
@@ -41,6 +42,9 @@ class ConsumerApp:
             work_scale=settings.work_scale,
             on_db_state=self._on_db_state,
         )
+        # Its own sweep, so no task is stranded once every producer has exited: what it
+        # claims it works itself, through the limiter like any delivery.
+        self.sweep = Sweep.configured(self.store, settings, limit=settings.max_in_flight, log=log)
         self.health = health.aio.HealthServicer()
         self._health_tasks: set[asyncio.Task[None]] = set()
 
@@ -104,6 +108,8 @@ class ConsumerApp:
             self.lifecycle.spawn("db-probe", self.engine.db_probe())
             self.lifecycle.spawn("db-gauges", metrics.refresh_db_gauges(self.store, "consumer"))
             maintenance.spawn(self.lifecycle, self.store, s)
+            if s.sweep_interval:
+                self.lifecycle.spawn("sweeper", self.sweep.run_forever(self._work_swept))
             debug_server = await debug.serve(s.http_host, s.profiling_port)
             await server.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -123,6 +129,23 @@ class ConsumerApp:
         finally:
             await self.lifecycle.cancel_all()
             await self.store.close()
+
+    def _work_swept(self, rows: list[TaskRow]) -> None:
+        if rows and not self.engine.draining:
+            self.lifecycle.spawn("swept", self._admit_swept(rows))
+
+    async def _admit_swept(self, rows: list[TaskRow]) -> None:
+        tasks = [NewTask(r.id, r.type, r.value, r.creation_time) for r in rows]
+        try:
+            _, statuses = await self.engine.admit(tasks)
+        except Draining:
+            return
+        except TRANSIENT_ERRORS:
+            return  # they stay `received`, for the next sweep or a producer
+        log.info(
+            "swept_tasks_taken",
+            extra=fields(tasks=len(rows), accepted=statuses.count(TaskStatus.ACCEPTED)),
+        )
 
     async def _shutdown(
         self, server: grpc.aio.Server, debug_server: asyncio.Server | None, started: float

@@ -5,7 +5,9 @@
     group-commit writer marks `done` for everything finished since its last statement.
 
 Only the transition that wins in the database counts (metrics, running sums, log line),
-so a task delivered twice is counted once.
+so a task delivered twice is counted once. Every claim carries the attempt the database
+gave it (a fencing token): a task taken back and handed out again, even to this same
+process, is worked and counted under its newest attempt only.
 """
 
 from __future__ import annotations
@@ -167,7 +169,8 @@ class Engine:
     db: Outage = field(init=False)
     limiter: SlidingWindowLimiter = field(init=False)
     draining: bool = False
-    # Admitted and not yet written `done`: id -> (row, work timer or None once finished).
+    # Admitted and not yet written `done`: id -> (row as claimed, with its attempt; work
+    # timer, or None once finished). A newer claim of the same id replaces the entry.
     processing: dict[int, tuple[TaskRow, asyncio.TimerHandle | None]] = field(default_factory=dict)
     reserved: int = 0
     sums: list[int] = field(default_factory=lambda: [0] * 10)
@@ -303,18 +306,24 @@ class Engine:
         finished = self._finished
         n = 0
         for row in group:
-            if row.id not in processing:
-                continue  # released by a drain meanwhile
+            if not self._current(row):
+                continue  # released by a drain, or claimed again since: a stale timer
             processing[row.id] = (row, None)
             finished.append((row, finished_at))
             n += 1
         metrics.observe_many(metrics.task_processing_seconds, [took] * n)
         self._wake_writer.set()
 
+    def _current(self, row: TaskRow) -> bool:
+        """Whether `row` is this process's newest claim of its task."""
+        entry = self.processing.get(row.id)
+        return entry is not None and entry[0].attempt == row.attempt
+
     async def done_writer(self) -> None:
         """Group commit: one `done` statement for everything finished since the last one.
         While the database is away the finished work is kept and retried, never lost."""
         delay = 0.05
+        retried = False  # the last statement failed with its outcome unknown
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
@@ -323,14 +332,20 @@ class Engine:
                 await self._done_pace.wait(lambda: len(self._finished))
                 batch = self._finished[:MAX_ROWS_PER_STATEMENT]
                 try:
-                    won = set(await self.store.mark_done([row.id for row, _ in batch]))
+                    won = set(
+                        await self.store.mark_done([row for row, _ in batch], retried=retried)
+                    )
                 except TRANSIENT_ERRORS as exc:
+                    # It may have committed with its reply lost: the retry (this batch
+                    # leads the next one) also counts what it finds done under our
+                    # attempts, so nothing is counted twice or missed.
                     self.db.failing(exc)
+                    retried = True
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
                 self.db.ok()
-                delay = 0.05
+                delay, retried = 0.05, False
                 del self._finished[: len(batch)]
                 metrics.batch_done.observe(len(batch))
                 self._record_done(batch, won)
@@ -343,10 +358,12 @@ class Engine:
         lines = []
         processing = self.processing
         for row, finished_at in batch:
-            processing.pop(row.id, None)
-            if row.id not in won:
-                # Someone else's transition won (lease reclaimed and redelivered): the
-                # winner counts it, not us.
+            current = self._current(row)
+            if current:
+                del processing[row.id]
+            if row.id not in won or not current:
+                # Someone else's transition won (lease reclaimed and redelivered), or
+                # this row's attempt is an older one: the winner counts it, not us.
                 continue
             t = row.type
             sums[t] += row.value
@@ -394,17 +411,15 @@ class Engine:
         released = 0
         if self.processing:
             # Not finished in time: stop the timers, give the work back.
-            ids = []
-            for task_id, (_, handle) in list(self.processing.items()):
+            rows = []
+            for row, handle in list(self.processing.values()):
                 if handle is not None:
                     handle.cancel()
-                    ids.append(task_id)
-            finished = {row.id for row, _ in self._finished}
-            ids = [i for i in ids if i not in finished]
-            if ids:
-                released = len(await asyncio.shield(self.store.release_processing(ids)))
-                for i in ids:
-                    self.processing.pop(i, None)
+                    rows.append(row)
+            if rows:
+                released = len(await asyncio.shield(self.store.release_processing(rows)))
+                for row in rows:
+                    self.processing.pop(row.id, None)
             if not self.processing:
                 self._idle.set()
             # Work that did finish is still written `done`; it only waits on the database.

@@ -44,14 +44,7 @@ class ProducerApp:
             max_concurrent_sends=s.max_concurrent_sends,
             backoff_max_s=s.retry_backoff_max,
         )
-        self.sweep = Sweep(
-            self.store,
-            lease_s=s.lease_timeout,
-            stale_s=s.redeliver_after,
-            limit=s.batch_max,
-            interval_s=s.sweep_interval,
-            log=log,
-        )
+        self.sweep = Sweep.configured(self.store, s, limit=s.batch_max, log=log)
 
     async def _send(self, rows: list[TaskRow]) -> Sequence[TaskStatus]:
         request = tasks_pb2.SubmitBatchRequest(

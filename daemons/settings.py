@@ -223,6 +223,17 @@ class ConsumerSettings(_Common):
     reflection: bool = Field(
         True, description="serve gRPC server reflection (grpcurl list/describe need it)"
     )
+    # The consumer sweeps too, so no task is stranded once every producer has exited:
+    # later than the producer's by default, which sends, so a running producer comes first.
+    sweep_interval: float = Field(
+        5.0, ge=0, description="seconds between the consumer's own sweeps (0 = none)"
+    )
+    lease_timeout: float = Field(
+        60.0, gt=0, description="reclaim and work `processing` tasks untouched this long"
+    )
+    redeliver_after: float = Field(
+        30.0, gt=0, description="claim and work `received` tasks untouched this long"
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ConsumerSettings:

@@ -79,10 +79,13 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
         try:
             conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=5, autocommit=True)
             try:
+                # Every relation and column the daemons' queries need (0004: attempt).
                 cur = await conn.execute(
                     "SELECT to_regclass('tasks') IS NOT NULL"
                     " AND to_regclass('task_counts') IS NOT NULL"
                     " AND to_regclass('task_totals') IS NOT NULL"
+                    " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tasks')"
+                    "             AND attname = 'attempt' AND NOT attisdropped)"
                 )
                 row = await cur.fetchone()
             finally:
@@ -92,7 +95,8 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
                     log.info("database_ready")
                 return
             reason = (
-                "tables `tasks`/`task_counts`/`task_totals` missing: run `migrator up` "
+                "schema older than this daemon (tables `tasks`/`task_counts`/"
+                "`task_totals` or column `tasks.attempt` missing): run `migrator up` "
                 "(make migrate); a database made by an early 0001 without task_counts "
                 "must be recreated"
             )
@@ -160,6 +164,13 @@ class TaskRow:
     type: int
     value: int
     creation_time: float
+    # The claim this row was read under (0: never claimed): moves out of `processing`
+    # succeed only for the current one, so a stale owner changes nothing.
+    attempt: int = 0
+
+
+def _claims(rows: Sequence[TaskRow]) -> dict[str, str]:
+    return {"ids": pg_array([r.id for r in rows]), "attempts": pg_array([r.attempt for r in rows])}
 
 
 class TaskStore(Protocol):
@@ -187,9 +198,9 @@ class TaskStore(Protocol):
 
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]: ...
 
-    async def mark_done(self, ids: Sequence[int]) -> list[int]: ...
+    async def mark_done(self, rows: Sequence[TaskRow], *, retried: bool = False) -> list[int]: ...
 
-    async def release_processing(self, ids: Sequence[int]) -> list[int]: ...
+    async def release_processing(self, rows: Sequence[TaskRow]) -> list[int]: ...
 
     async def ping(self) -> None: ...
 
@@ -269,7 +280,6 @@ class Store:
         *,
         state: str = "received",
     ) -> list[TaskRow]:
-        now = time.time()
         rows = await self._rows(
             "insert_batch",
             {
@@ -277,7 +287,6 @@ class Store:
                 "values": pg_array(values),
                 "creation_times": pg_array(creation_times),
                 "state": state,
-                "now": now,
             },
         )
         return [TaskRow(*r) for r in rows]
@@ -299,7 +308,6 @@ class Store:
             "values": pg_array([r.value for r in rows]),
             "creation_times": pg_array([r.creation_time for r in rows]),
             "state": state,
-            "now": time.time(),
         }
         try:
             out = await self._rows(
@@ -313,17 +321,21 @@ class Store:
 
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]:
         """Move `received` tasks to `processing`; returns the rows that won the transition."""
-        rows = await self._rows("mark_processing", {"ids": pg_array(ids), "now": time.time()})
+        rows = await self._rows("mark_processing", {"ids": pg_array(ids)})
         return [TaskRow(*r) for r in rows]
 
-    async def mark_done(self, ids: Sequence[int]) -> list[int]:
-        """Move `processing` tasks to `done`; returns the ids that won the transition."""
-        rows = await self._rows("mark_done", {"ids": pg_array(ids)})
-        return [r[0] for r in rows]
+    async def mark_done(self, rows: Sequence[TaskRow], *, retried: bool = False) -> list[int]:
+        """Move `processing` tasks to `done` under the attempt each row was claimed with;
+        returns the ids this writer moved. `retried`: an earlier call with these rows
+        failed with its outcome unknown, so the ids it may have moved count too."""
+        out = await self._rows("mark_done_retry" if retried else "mark_done", _claims(rows))
+        return [r[0] for r in out]
 
-    async def release_processing(self, ids: Sequence[int]) -> list[int]:
-        rows = await self._rows("release_processing", {"ids": pg_array(ids)})
-        return [r[0] for r in rows]
+    async def release_processing(self, rows: Sequence[TaskRow]) -> list[int]:
+        """Give `processing` tasks back to `received` (their attempt ends); only the
+        current owner's release counts."""
+        out = await self._rows("release_processing", _claims(rows))
+        return [r[0] for r in out]
 
     async def ping(self) -> None:
         await self._rows("ping", {})
@@ -349,17 +361,11 @@ class Store:
         return {int(t): (int(n), int(s)) for t, n, s in rows}
 
     async def reclaim_expired(self, lease_s: float, limit: int) -> list[TaskRow]:
-        now = time.time()
-        rows = await self._rows(
-            "reclaim_expired", {"before": now - lease_s, "now": now, "limit": limit}
-        )
+        rows = await self._rows("reclaim_expired", {"lease_s": lease_s, "limit": limit})
         return [TaskRow(*r) for r in rows]
 
     async def claim_stale_received(self, age_s: float, limit: int) -> list[TaskRow]:
-        now = time.time()
-        rows = await self._rows(
-            "claim_stale_received", {"before": now - age_s, "now": now, "limit": limit}
-        )
+        rows = await self._rows("claim_stale_received", {"age_s": age_s, "limit": limit})
         return [TaskRow(*r) for r in rows]
 
     # --- maintenance: partitions ahead, retention, vacuum --------------------------

@@ -10,9 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from daemons.outage import Outage
 from daemons.store import TRANSIENT_ERRORS, TaskRow, TaskStore
+
+
+class SweepSettings(Protocol):
+    @property
+    def lease_timeout(self) -> float: ...
+    @property
+    def redeliver_after(self) -> float: ...
+    @property
+    def sweep_interval(self) -> float: ...
 
 
 class Sweep:
@@ -32,6 +42,20 @@ class Sweep:
         self.limit = limit  # of each kind, per sweep
         self.interval_s = interval_s
         self.outage = Outage("sweep", log)
+
+    @classmethod
+    def configured(
+        cls, store: TaskStore, s: SweepSettings, *, limit: int, log: logging.Logger
+    ) -> Sweep:
+        """A daemon's sweep from its settings (PRODUCER_* or CONSUMER_*)."""
+        return cls(
+            store,
+            lease_s=s.lease_timeout,
+            stale_s=s.redeliver_after,
+            limit=limit,
+            interval_s=s.sweep_interval,
+            log=log,
+        )
 
     async def once(self) -> list[TaskRow]:
         rows = await self.store.reclaim_expired(self.lease_s, self.limit)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from daemons.store import TaskRow, TaskStore
@@ -26,6 +26,12 @@ class StoredTask:
     row: TaskRow
     state: str
     last_update_time: float
+    attempt: int = 0
+
+    def claimed(self) -> TaskRow:
+        """A copy carrying the current attempt: a holder's row must not change under it
+        when the task is claimed again."""
+        return replace(self.row, attempt=self.attempt)
 
 
 class InMemoryStore:
@@ -39,8 +45,8 @@ class InMemoryStore:
         self.tasks: dict[int, StoredTask] = {}
         self.totals = {t: [0, 0] for t in TYPES}  # type -> [done count, value sum], lifetime
         self.fail: BaseException | None = None
-        # Set lose_reply for the next insert_reserved to commit and then raise
-        # lose_reply_error, as a connection lost before the reply does.
+        # Set lose_reply for the next write (insert_reserved, mark_done) to commit and
+        # then raise lose_reply_error, as a connection lost before the reply does.
         self.lose_reply = False
         self.lose_reply_error: BaseException = ConnectionError("reply lost")
         self._next_id = 1
@@ -49,14 +55,20 @@ class InMemoryStore:
         if self.fail is not None:
             raise self.fail
 
-    def _move(self, ids: Iterable[int], src: str, dst: str, stamp: float) -> list[StoredTask]:
-        won = []
-        for task_id in dict.fromkeys(ids):  # a repeated id moves once, as in SQL
-            task = self.tasks.get(task_id)
-            if task is not None and task.state == src:
-                task.state, task.last_update_time = dst, stamp
-                won.append(task)
-        return won
+    def _lose_reply(self) -> None:
+        if self.lose_reply:
+            self.lose_reply = False
+            raise self.lose_reply_error
+
+    def _current(self, rows: Iterable[TaskRow]) -> list[StoredTask]:
+        """The `processing` tasks still under the attempt each row holds (a repeated id
+        counts once, as in SQL)."""
+        out = []
+        for row in {r.id: r for r in reversed(list(rows))}.values():
+            task = self.tasks.get(row.id)
+            if task is not None and task.state == "processing" and task.attempt == row.attempt:
+                out.append(task)
+        return out
 
     def _count_done(self, task: StoredTask) -> None:
         total = self.totals[task.row.type]
@@ -70,8 +82,10 @@ class InMemoryStore:
         old = [t for t in old if t.last_update_time < now - older_than_s]
         old.sort(key=lambda t: t.last_update_time)
         for task in old[:limit]:
+            if task.state != to:
+                task.attempt += 1  # a reclaim ends the attempt
             task.state, task.last_update_time = to, now
-        return [t.row for t in old[:limit]]
+        return [t.claimed() for t in old[:limit]]
 
     # --- the TaskStore operations ----------------------------------------------------
 
@@ -90,10 +104,10 @@ class InMemoryStore:
         for t, v, created in zip(types, values, creation_times, strict=True):
             row = TaskRow(self._next_id, t, v, created)
             self._next_id += 1
-            self.tasks[row.id] = task = StoredTask(row, state, now)
+            self.tasks[row.id] = task = StoredTask(row, state, now, int(state == "processing"))
             if state == "done":
                 self._count_done(task)
-            rows.append(row)
+            rows.append(task.claimed())
         return rows
 
     async def reserve_ids(self, n: int) -> list[int]:
@@ -112,27 +126,45 @@ class InMemoryStore:
             raise ValueError("duplicate task id")  # the real store: UniqueViolation
         now = self.clock()
         for row in rows:
-            self.tasks[row.id] = StoredTask(row, state, now)
-        if self.lose_reply:
-            self.lose_reply = False
-            raise self.lose_reply_error
+            self.tasks[row.id] = StoredTask(replace(row, attempt=0), state, now)
+        self._lose_reply()
         return True
 
     async def mark_processing(self, ids: Sequence[int]) -> list[TaskRow]:
         self._maybe_fail()
-        return [t.row for t in self._move(ids, "received", "processing", self.clock())]
+        now, won = self.clock(), []
+        for task_id in dict.fromkeys(ids):  # a repeated id moves once, as in SQL
+            task = self.tasks.get(task_id)
+            if task is not None and task.state == "received":
+                task.state, task.last_update_time = "processing", now
+                task.attempt += 1
+                won.append(task.claimed())
+        return won
 
-    async def mark_done(self, ids: Sequence[int]) -> list[int]:
+    async def mark_done(self, rows: Sequence[TaskRow], *, retried: bool = False) -> list[int]:
         self._maybe_fail()
-        won = self._move(ids, "processing", "done", self.clock())
+        already = []
+        if retried:  # done earlier under the same attempt: by the write being retried
+            for row in {r.id: r for r in rows}.values():
+                task = self.tasks.get(row.id)
+                if task is not None and task.state == "done" and task.attempt == row.attempt:
+                    already.append(row.id)
+        won = self._current(rows)
+        now = self.clock()
         for task in won:
+            task.state, task.last_update_time = "done", now
             self._count_done(task)
-        return [t.row.id for t in won]
+        self._lose_reply()
+        return [t.row.id for t in won] + already
 
-    async def release_processing(self, ids: Sequence[int]) -> list[int]:
+    async def release_processing(self, rows: Sequence[TaskRow]) -> list[int]:
         self._maybe_fail()
-        # Stamped 0: the next redelivery sweep takes it at once (see queries.sql).
-        return [t.row.id for t in self._move(ids, "processing", "received", 0.0)]
+        won = self._current(rows)
+        for task in won:
+            # Stamped 0: the next redelivery sweep takes it at once (see queries.sql).
+            task.state, task.last_update_time = "received", 0.0
+            task.attempt += 1
+        return [t.row.id for t in won]
 
     async def ping(self) -> None:
         self._maybe_fail()

@@ -1,16 +1,21 @@
 -- Every runtime query, one named block each ("-- name: <name>"), loaded once by
 -- daemons.store. Queries name their columns, so a column added or dropped by a live
--- migration (0002: comment) never breaks a running daemon. Every state transition is
--- conditional on the expected state: a late or duplicate delivery changes nothing.
+-- migration (0003: comment) never breaks a running daemon. Every state transition is
+-- conditional on the expected state, and a move out of `processing` on the attempt its
+-- writer holds (0004): a late, duplicate or stale delivery changes nothing.
+--
+-- Stamps of unfinished tasks (leases, staleness) are the database's clock, like done
+-- times: no host's clock is ever compared with another's.
 
 -- name: insert_batch
 -- One statement per batch; RETURNING gives each row back with its id (no reliance on
--- the order of RETURNING).
-INSERT INTO tasks (type, value, state, creation_time, last_update_time)
-SELECT u.type, u.value, %(state)s::task_state, u.creation_time, %(now)s
+-- the order of RETURNING). Inserted `processing` (a client's task) is a first claim.
+INSERT INTO tasks (type, value, state, creation_time, last_update_time, attempt)
+SELECT u.type, u.value, %(state)s::task_state, u.creation_time, extract(epoch FROM statement_timestamp()),
+       (%(state)s::task_state = 'processing')::int
 FROM unnest(%(types)s::smallint[], %(values)s::smallint[], %(creation_times)s::float8[])
      AS u(type, value, creation_time)
-RETURNING id, type, value, creation_time
+RETURNING id, type, value, creation_time, attempt
 
 -- name: reserve_ids
 -- The producer takes its batch's ids before it inserts, so an insert retried after a
@@ -19,7 +24,7 @@ SELECT nextval('task_ids') FROM generate_series(1, %(n)s)
 
 -- name: insert_reserved
 INSERT INTO tasks (id, type, value, state, creation_time, last_update_time)
-SELECT u.id, u.type, u.value, %(state)s::task_state, u.creation_time, %(now)s
+SELECT u.id, u.type, u.value, %(state)s::task_state, u.creation_time, extract(epoch FROM statement_timestamp())
 FROM unnest(%(ids)s::bigint[], %(types)s::smallint[], %(values)s::smallint[],
             %(creation_times)s::float8[]) AS u(id, type, value, creation_time)
 RETURNING id
@@ -29,7 +34,7 @@ RETURNING id
 -- (the first attempt committed; its reserved ids are nobody else's). Only retries pay
 -- for the lookups: one index probe per id and done partition.
 INSERT INTO tasks (id, type, value, state, creation_time, last_update_time)
-SELECT u.id, u.type, u.value, %(state)s::task_state, u.creation_time, %(now)s
+SELECT u.id, u.type, u.value, %(state)s::task_state, u.creation_time, extract(epoch FROM statement_timestamp())
 FROM unnest(%(ids)s::bigint[], %(types)s::smallint[], %(values)s::smallint[],
             %(creation_times)s::float8[]) AS u(id, type, value, creation_time)
 WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE id = ANY(%(ids)s::bigint[]))
@@ -38,27 +43,49 @@ RETURNING id
 -- name: mark_processing
 -- Driven from the id list (primary-key lookups): `id = ANY(...) AND state = ...` lets
 -- the planner prefer the state index once statistics say few rows are unfinished, and
--- that plan scans every unfinished task for each batch.
-UPDATE tasks AS t SET state = 'processing', last_update_time = %(now)s
+-- that plan scans every unfinished task for each batch. A claim: the attempt goes up
+-- (no index holds it, so the update stays HOT), and its lease starts now.
+UPDATE tasks AS t SET state = 'processing', last_update_time = extract(epoch FROM statement_timestamp()),
+                      attempt = t.attempt + 1
 FROM unnest(%(ids)s::bigint[]) AS u(id)
 WHERE t.id = u.id AND t.state = 'received'
-RETURNING t.id, t.type, t.value, t.creation_time
+RETURNING t.id, t.type, t.value, t.creation_time, t.attempt
 
 -- name: mark_done
 -- Moves each row into the done partition of its done time: the database's clock, so a
 -- host with a wrong clock cannot put rows where retention would miss them.
+-- Only the current attempt's owner wins; a stale owner (lease taken back) changes nothing.
 UPDATE tasks AS t SET state = 'done', last_update_time = extract(epoch FROM statement_timestamp())
-FROM unnest(%(ids)s::bigint[]) AS u(id)
-WHERE t.id = u.id AND t.state = 'processing'
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS u(id, attempt)
+WHERE t.id = u.id AND t.state = 'processing' AND t.attempt = u.attempt
 RETURNING t.id
+
+-- name: mark_done_retry
+-- The retry of a done write whose outcome is unknown (its reply may have been lost after
+-- the commit): what it moves now, and what is already done under the writer's own
+-- attempt, which can only be that earlier write. The SELECT sees the rows as they were
+-- before this statement, so nothing is returned twice. Only retries pay for the lookups.
+WITH u AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS u(id, attempt)
+), moved AS (
+    UPDATE tasks AS t SET state = 'done', last_update_time = extract(epoch FROM statement_timestamp())
+    FROM u
+    WHERE t.id = u.id AND t.state = 'processing' AND t.attempt = u.attempt
+    RETURNING t.id
+)
+SELECT id FROM moved
+UNION ALL
+SELECT t.id FROM tasks AS t JOIN u ON t.id = u.id
+WHERE t.state = 'done' AND t.attempt = u.attempt
 
 -- name: release_processing
 -- Work a draining consumer could not finish goes back to `received`, stamped 0 so the
 -- next redelivery sweep picks it up at once (its creation time, a client's word, may
--- lie in the future).
-UPDATE tasks SET state = 'received', last_update_time = 0
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'processing'
-RETURNING id
+-- lie in the future). Only the current owner's release counts, and it ends the attempt.
+UPDATE tasks AS t SET state = 'received', last_update_time = 0, attempt = t.attempt + 1
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS u(id, attempt)
+WHERE t.id = u.id AND t.state = 'processing' AND t.attempt = u.attempt
+RETURNING t.id
 
 -- name: ping
 SELECT 1
@@ -79,31 +106,33 @@ SELECT type, done, value_sum FROM task_totals ORDER BY type
 
 -- name: reclaim_expired
 -- Leases: a `processing` task not finished by its deadline belonged to a consumer that
--- died mid-work. SKIP LOCKED lets several producers sweep without resending the same task.
+-- died mid-work, judged by the database's clock alone. SKIP LOCKED lets several daemons
+-- sweep without resending the same task. The reclaim ends the attempt: its old owner, if
+-- alive after all, can no longer complete or release it.
 WITH expired AS (
     SELECT id FROM tasks
-    WHERE state = 'processing' AND last_update_time < %(before)s
+    WHERE state = 'processing' AND last_update_time < extract(epoch FROM statement_timestamp()) - %(lease_s)s
     ORDER BY last_update_time
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-UPDATE tasks AS t SET state = 'received', last_update_time = %(now)s
+UPDATE tasks AS t SET state = 'received', last_update_time = extract(epoch FROM statement_timestamp()), attempt = t.attempt + 1
 FROM expired WHERE t.id = expired.id
-RETURNING t.id, t.type, t.value, t.creation_time
+RETURNING t.id, t.type, t.value, t.creation_time, t.attempt
 
 -- name: claim_stale_received
 -- `received` tasks nobody has sent for a while (rejected, lost, or their producer died):
 -- restamp them so no other producer claims them again before the threshold passes.
 WITH stale AS (
     SELECT id FROM tasks
-    WHERE state = 'received' AND last_update_time < %(before)s
+    WHERE state = 'received' AND last_update_time < extract(epoch FROM statement_timestamp()) - %(age_s)s
     ORDER BY last_update_time
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-UPDATE tasks AS t SET last_update_time = %(now)s
+UPDATE tasks AS t SET last_update_time = extract(epoch FROM statement_timestamp())
 FROM stale WHERE t.id = stale.id
-RETURNING t.id, t.type, t.value, t.creation_time
+RETURNING t.id, t.type, t.value, t.creation_time, t.attempt
 
 -- --- maintenance (daemons.maintenance): partitions ahead, retention, vacuum -----------
 

@@ -59,8 +59,8 @@ async def test_retention_drops_old_done_partitions_and_never_an_unfinished_task(
         await _past(db_url, legacy.upper + 1)  # the template may be a second old
         rows = await store.insert_batch([3] * 30, [7] * 30, [1000.0] * 30)
         ids = [r.id for r in rows]
-        await store.mark_processing(ids[:20])
-        assert sorted(await store.mark_done(ids[:10])) == sorted(ids[:10])
+        claimed = {r.id: r for r in await store.mark_processing(ids[:20])}
+        assert sorted(await store.mark_done([claimed[i] for i in ids[:10]])) == sorted(ids[:10])
         sql(db_url, "UPDATE tasks SET last_update_time = 1000 WHERE state <> 'done'")
         totals_before = await store.done_totals_by_type()
         # A retention that makes the oldest partition expire and nothing newer.
@@ -125,8 +125,7 @@ async def test_maintainers_at_once_conflict_on_nothing_while_tasks_flow(db_url: 
         while not stop.is_set():
             rows = await stores[0].insert_batch([5] * 200, [1] * 200, [time.time()] * 200)
             ids = [r.id for r in rows]
-            await stores[0].mark_processing(ids)
-            done += len(await stores[0].mark_done(ids))
+            done += len(await stores[0].mark_done(await stores[0].mark_processing(ids)))
         return done
 
     async def maintain(job: maintenance.Maintenance) -> None:
@@ -168,8 +167,11 @@ async def test_a_done_time_past_the_last_partition_makes_one_on_demand(db_url: s
         now = time.time()
         batches = [await s.insert_batch([2] * 5, [3] * 5, [now] * 5) for s in (store, other)]
         ids = [[r.id for r in rows] for rows in batches]
-        await store.mark_processing(ids[0] + ids[1])
-        done = await asyncio.gather(store.mark_done(ids[0]), other.mark_done(ids[1]))
+        claimed = {r.id: r for r in await store.mark_processing(ids[0] + ids[1])}
+        done = await asyncio.gather(
+            store.mark_done([claimed[i] for i in ids[0]]),
+            other.mark_done([claimed[i] for i in ids[1]]),
+        )
         assert [sorted(d) for d in done] == [sorted(i) for i in ids]
         assert states(db_url)["done"] == 10
         parts = await store.done_partitions()

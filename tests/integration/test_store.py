@@ -53,8 +53,9 @@ async def test_queries_survive_comment_column_coming_and_going(db_url: str) -> N
         sql(db_url, "ALTER TABLE tasks DROP COLUMN comment")
         rows = await store.insert_batch([4], [44], [time.time()])
         sql(db_url, "ALTER TABLE tasks ADD COLUMN comment text")
-        assert [r.id for r in await store.mark_processing([rows[0].id])] == [rows[0].id]
-        assert await store.mark_done([rows[0].id]) == [rows[0].id]
+        claimed = await store.mark_processing([rows[0].id])
+        assert [r.id for r in claimed] == [rows[0].id]
+        assert await store.mark_done(claimed) == [rows[0].id]
     finally:
         await store.close()
 
@@ -65,9 +66,9 @@ async def test_task_counts_stay_exact_for_any_writer(db_url: str) -> None:
         rows = await store.insert_batch([1] * 10, [1] * 10, [time.time()] * 10)
         await store.insert_batch([2] * 3, [2] * 3, [time.time()] * 3, state="processing")
         ids = [r.id for r in rows]
-        await store.mark_processing(ids[:6])
-        await store.mark_done(ids[:4])
-        await store.release_processing(ids[4:5])
+        claimed = {r.id: r for r in await store.mark_processing(ids[:6])}
+        await store.mark_done([claimed[i] for i in ids[:4]])
+        await store.release_processing([claimed[ids[4]]])
         # Writers other than the daemons: psql, a migration, an operator's fix.
         sql(db_url, "UPDATE tasks SET state = 'done' WHERE id = %s", (ids[9],))
         sql(db_url, "DELETE FROM tasks WHERE id = %s", (ids[8],))
@@ -109,7 +110,9 @@ def test_rolling_back_0001_with_tasks_stored_needs_drop_tasks(db_url: str) -> No
             [str(BIN / "migrator"), "down", *args], env=env, capture_output=True, text=True
         )
 
-    assert down().returncode == 0 and down().returncode == 0  # 0003, then 0002
+    for expected in ("0003_add_comment", "0004_task_attempts", "0002_partition_tasks"):
+        out = down()
+        assert out.returncode == 0 and f"id={expected}" in out.stderr, out.stderr
     refused = down()
     assert refused.returncode == 2, refused.stderr
     assert "1 tasks" in refused.stderr and "--drop-tasks" in refused.stderr

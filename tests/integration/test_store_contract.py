@@ -104,8 +104,7 @@ async def test_a_retried_reserved_insert_never_makes_a_second_copy(backend: Back
         rows = [TaskRow(i, 2, 5, time.time()) for i in ids]
         assert await store.insert_reserved(rows) is True
         assert await store.insert_reserved(rows, retried=True) is False
-        await store.mark_processing(ids[:1])
-        await store.mark_done(ids[:1])
+        await store.mark_done(await store.mark_processing(ids[:1]))
         assert await store.insert_reserved(rows, retried=True) is False
         assert backend.states() == {"received": 3, "processing": 0, "done": 1}
         # A retry of an attempt that did not commit inserts the rows.
@@ -119,19 +118,55 @@ async def test_each_transition_wins_once_and_only_from_its_state(backend: Backen
     async with backend.store() as store:
         rows = await store.insert_batch([1, 1, 2, 3], [10, 20, 30, 40], [time.time()] * 4)
         ids = _ids(rows)
-        assert await store.mark_done(ids) == []  # received: not done yet
-        assert _ids(await store.mark_processing(ids[:3] + ids[:1])) == ids[:3]  # id 0 twice
+        assert await store.mark_done(rows) == []  # received: not done yet
+        claimed = await store.mark_processing(ids[:3] + ids[:1])  # id 0 twice
+        assert _ids(claimed) == ids[:3]
+        assert {r.attempt for r in claimed} == {1}
         assert await store.mark_processing(ids[:3]) == []  # a second delivery wins nothing
-        assert sorted(await store.mark_done(ids[:2])) == ids[:2]
-        assert await store.mark_done(ids[:2]) == []
-        assert await store.release_processing(ids) == [ids[2]]  # only the processing one
-        assert await store.release_processing(ids) == []
+        by_id = {r.id: r for r in claimed}
+        assert sorted(await store.mark_done([by_id[i] for i in ids[:2]])) == ids[:2]
+        assert await store.mark_done([by_id[i] for i in ids[:2]]) == []
+        assert await store.release_processing(claimed) == [ids[2]]  # only the processing one
+        assert await store.release_processing(claimed) == []
         assert backend.states() == {"received": 2, "processing": 0, "done": 2}
         assert await store.count_by_state() == backend.states()
         assert await store.count_unfinished() == 2
         # A done task never comes back.
         assert await store.mark_processing(ids[:2]) == []
-        assert await store.release_processing(ids[:2]) == []
+        assert await store.release_processing(claimed) == []
+
+
+async def test_a_stale_owner_changes_nothing(backend: Backend) -> None:
+    """Every claim and reclaim ends the attempt before it: the owner whose lease was
+    taken back can neither complete nor release the task that now is someone else's."""
+    async with backend.store() as store:
+        ids = _ids(await store.insert_batch([4, 4], [9, 9], [time.time()] * 2))
+        stale = await store.mark_processing(ids)
+        backend.backdate(100)
+        reclaimed = await store.reclaim_expired(10, 10)
+        assert _ids(reclaimed) == ids and {r.attempt for r in reclaimed} == {2}
+        fresh = await store.mark_processing(ids)
+        assert {r.attempt for r in fresh} == {3}
+        assert await store.mark_done(stale) == []
+        assert await store.mark_done(stale, retried=True) == []
+        assert await store.release_processing(stale) == []
+        assert backend.states() == {"received": 0, "processing": 2, "done": 0}
+        assert sorted(await store.mark_done(fresh)) == ids
+        assert (await store.done_totals_by_type())[4] == (2, 18)
+
+
+async def test_a_retried_done_write_counts_what_it_did_once(backend: Backend) -> None:
+    """A done write whose reply was lost: its retry reports the rows the first attempt
+    moved (its own attempt, now done) as well as what it moves itself, and only those."""
+    async with backend.store() as store:
+        ids = _ids(await store.insert_batch([5] * 3, [1] * 3, [time.time()] * 3))
+        claimed = {r.id: r for r in await store.mark_processing(ids)}
+        assert await store.mark_done([claimed[ids[0]]]) == [ids[0]]  # reply "lost"
+        retry = [claimed[i] for i in ids]
+        assert sorted(await store.mark_done(retry, retried=True)) == ids
+        assert sorted(await store.mark_done(retry, retried=True)) == ids  # still ours
+        assert await store.mark_done(retry) == []  # a first try would say nothing moved
+        assert (await store.done_totals_by_type())[5] == (3, 3)
 
 
 async def test_mark_processing_returns_the_whole_row(backend: Backend) -> None:
@@ -145,8 +180,8 @@ async def test_mark_processing_returns_the_whole_row(backend: Backend) -> None:
 async def test_existing_ids_are_those_stored_in_any_state(backend: Backend) -> None:
     async with backend.store() as store:
         ids = _ids(await store.insert_batch([0, 0, 0], [1, 1, 1], [time.time()] * 3))
-        await store.mark_processing(ids[1:])
-        await store.mark_done(ids[2:])
+        claimed = {r.id: r for r in await store.mark_processing(ids[1:])}
+        await store.mark_done([claimed[ids[2]]])
         assert await store.existing_ids([*ids, 999_999]) == set(ids)
         assert await store.existing_ids([]) == set()
         backend.delete(ids[:1])
@@ -157,11 +192,12 @@ async def test_done_totals_are_lifetime_per_type(backend: Backend) -> None:
     async with backend.store() as store:
         assert await store.done_totals_by_type() == {t: (0, 0) for t in range(10)}
         ids = _ids(await store.insert_batch([1, 1, 2, 9], [10, 5, 20, 99], [time.time()] * 4))
-        await store.mark_processing(ids)
-        await store.mark_done(ids[:3])
-        await store.mark_done(ids[:3])  # lost transitions count nothing
+        claimed = {r.id: r for r in await store.mark_processing(ids)}
+        await store.mark_done([claimed[i] for i in ids[:3]])
+        await store.mark_done([claimed[i] for i in ids[:3]])  # lost transitions count nothing
         (late,) = await store.insert_batch([9], [1], [time.time()], state="processing")
-        await store.mark_done([late.id])
+        assert late.attempt == 1  # a client's task, registered as claimed
+        await store.mark_done([late])
         totals = await store.done_totals_by_type()
         assert sorted(totals) == list(range(10))
         assert {t: v for t, v in totals.items() if v != (0, 0)} == {
@@ -212,8 +248,8 @@ async def test_released_work_is_stale_at_once(backend: Backend) -> None:
     sends it again whatever the threshold."""
     async with backend.store() as store:
         ids = _ids(await store.insert_batch([3, 3], [1, 1], [time.time()] * 2))
-        await store.mark_processing(ids)
-        assert await store.release_processing(ids[:1]) == ids[:1]
+        claimed = {r.id: r for r in await store.mark_processing(ids)}
+        assert await store.release_processing([claimed[ids[0]]]) == ids[:1]
         assert _ids(await store.claim_stale_received(3600, 10)) == ids[:1]
 
 

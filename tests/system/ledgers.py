@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from daemons.logs import parse_id_ranges
 from tests.conftest import sql
+from tests.system.harness import Bundle, Proc, db_done_by_type, done_by_type, wait_until
 
 
 @dataclass
@@ -144,3 +145,18 @@ def unlogged_outside_kills(
         for i, t in rows
         if not any(k - KILL_WINDOW_S <= float(t) <= k + 0.05 for k in kills)  # type: ignore[arg-type]
     ]
+
+
+def stop_and_check_one_consumer(bundle: Bundle, consumer: Proc) -> dict[int, tuple[int, int]]:
+    """For a test with a single consumer process, its work ended: its counters (from zero)
+    equal the database per type, and so do its own lines, each done task named once.
+    Stops it; returns the database's {type: (count, sum)}."""
+    db = db_done_by_type(bundle.db_url)
+    wait_until(lambda: done_by_type(bundle.metrics_url("consumer")) == db, 5, "counters = database")
+    consumer.terminate()
+    assert consumer.wait(20) == 0
+    ledger = consumer_ledger(consumer.log())
+    assert compare(ledger, bundle.db_url) == (0, set(), set())
+    assert ledger.processes[-1].by_type == db
+    assert ledger.last_sums() == {t: s for t, (_, s) in db.items()}
+    return db

@@ -6,13 +6,16 @@ outcome it cannot know, the case a retry must get right.
 It reads the client's side of the wire protocol only as far as it must: the message
 frames, the query text of `Parse` (named or not, since psycopg prepares statements it
 runs often) and of simple `Query` messages, and which statement each `Bind` runs. A
-statement is "chosen" when its text contains `marker` and the countdown says so."""
+statement is "chosen" when its text contains `marker` and the countdown says so.
+With `hold_s`, every statement containing `marker` also waits that long before it is
+passed on: a slow writer, whose work piles up between its statements."""
 
 from __future__ import annotations
 
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 
 READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # the server's answer ends, after the commit
@@ -27,12 +30,15 @@ class _Conn:
 
 
 class ReplyDropper:
-    def __init__(self, upstream_port: int, marker: str, every: int, limit: int) -> None:
+    def __init__(
+        self, upstream_port: int, marker: str, every: int, limit: int, hold_s: float = 0.0
+    ) -> None:
         """Lose the reply of every `every`-th run of a statement containing `marker`,
         `limit` times at most."""
         self.upstream = ("127.0.0.1", upstream_port)
         self.marker = marker.encode()
         self.every, self.limit = every, limit
+        self.hold_s = hold_s
         self.seen = 0
         self.dropped = 0
         self._lock = threading.Lock()
@@ -94,7 +100,8 @@ class ReplyDropper:
                     if len(buf) < n + 1:
                         break
                     msg, buf = buf[: n + 1], buf[n + 1 :]
-                    self._inspect(conn, msg)
+                    if self._inspect(conn, msg) and self.hold_s:
+                        time.sleep(self.hold_s)
                     out += msg
                 if out:
                     conn.server.sendall(out)
@@ -103,17 +110,22 @@ class ReplyDropper:
         finally:
             _close(conn)
 
-    def _inspect(self, conn: _Conn, msg: bytes) -> None:
+    def _inspect(self, conn: _Conn, msg: bytes) -> bool:
+        """Note what the message runs; True if it runs a statement with the marker."""
         kind, body = msg[:1], msg[5:]
         if kind == b"P":  # Parse: name \0 query \0 ...
             name, _, rest = body.partition(b"\0")
             conn.statements[name] = rest.partition(b"\0")[0]
-        elif kind == b"B":  # Bind: portal \0 statement \0 ...
-            statement = body.partition(b"\0")[2].partition(b"\0")[0]
-            if self._choose(conn.statements.get(statement, b"")):
-                conn.doomed = True
-        elif kind == b"Q" and self._choose(body):
+            return False
+        if kind == b"B":  # Bind: portal \0 statement \0 ...
+            query = conn.statements.get(body.partition(b"\0")[2].partition(b"\0")[0], b"")
+        elif kind == b"Q":
+            query = body
+        else:
+            return False
+        if self._choose(query):
             conn.doomed = True
+        return self.marker in query
 
     def _server_to_client(self, conn: _Conn) -> None:
         try:

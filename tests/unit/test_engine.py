@@ -155,3 +155,53 @@ def test_a_write_outage_is_reported_once_and_flips_health(
     assert health == [False, True]
     events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("db_write")]
     assert events == ["db_write_failing", "db_write_recovered"]
+
+
+def test_a_task_taken_back_and_redelivered_to_the_same_engine_is_counted_once() -> None:
+    """The lease of a task still being worked expires (a slow done writer, a clock step)
+    and the sweep hands it out again, to this same consumer: the older attempt's timer
+    and write change nothing, the newest attempt is worked, written and counted once."""
+
+    async def scenario() -> tuple[eng.Engine, InMemoryStore]:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, work_scale=10)  # 0.5 s of work
+        tasks = await _tasks(store, [6, 6], [50, 50])
+        assert (await engine.admit(tasks))[1] == [ACCEPTED] * 2
+        store.backdate(3600)
+        assert len(await store.reclaim_expired(60, 10)) == 2  # attempt 1 ends
+        assert (await engine.admit(tasks))[1] == [ACCEPTED] * 2  # attempt 3, same engine
+        assert {row.attempt for row, _ in engine.processing.values()} == {3}
+        await until(lambda: not engine.processing)
+        await asyncio.sleep(1.0)  # the older timers have long fired
+        await stop_loops(loops)
+        return engine, store
+
+    engine, store = run(scenario())
+    assert _states(store) == {"received": 0, "processing": 0, "done": 2}
+    assert engine.done_total == 2 and engine.counts[6] == 2 and engine.sums[6] == 100
+    assert store.totals[6] == [2, 100]
+
+
+def test_a_done_write_whose_reply_was_lost_is_counted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The done statement commits and the connection drops before its reply: the retry
+    finds the rows done under its own attempts and counts each exactly once."""
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> tuple[eng.Engine, InMemoryStore]:
+        store = InMemoryStore()
+        store.lose_reply_error = psycopg.OperationalError("server closed the connection")
+        engine, loops = await start_engine(store, work_scale=0)
+        tasks = await _tasks(store, [7] * 5, [3] * 5)
+        store.lose_reply = True  # the next write: the done statement
+        assert (await engine.admit(tasks))[1] == [ACCEPTED] * 5
+        await until(lambda: not engine.processing)
+        await stop_loops(loops)
+        assert not store.lose_reply, "the fault was injected"
+        return engine, store
+
+    engine, store = run(scenario())
+    assert _states(store)["done"] == 5 and store.totals[7] == [5, 15]
+    assert engine.done_total == 5 and engine.counts[7] == 5 and engine.sums[7] == 15
+    assert sum(r.getMessage() == "task_done" for r in caplog.records) == 5  # a line each

@@ -46,8 +46,7 @@ class Consumer:
         statuses = [self.answer(len(self.calls), row) for row in rows]
         accepted = [r.id for r, s in zip(rows, statuses, strict=True) if s == ACCEPTED]
         if self.works and accepted:
-            await self.store.mark_processing(accepted)
-            await self.store.mark_done(accepted)
+            await self.store.mark_done(await self.store.mark_processing(accepted))
         return statuses
 
 
@@ -99,8 +98,7 @@ def test_production_pauses_at_the_backlog_cap_and_resumes_when_it_drains(
         await asyncio.sleep(2.0)  # the cap holds over time, not at one instant only
         assert await _undone(store) == 50 and outbox.produced == 50
         received = [t.row.id for t in store.tasks.values() if t.state == "received"]
-        await store.mark_processing(received)
-        await store.mark_done(received)  # the consumer catches up
+        await store.mark_done(await store.mark_processing(received))  # the consumer catches up
         await asyncio.sleep(0.5)
         assert outbox.produced > 50 and await _undone(store) <= 50
         await _stop(outbox, lifecycle)

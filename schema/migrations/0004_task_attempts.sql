@@ -1,0 +1,12 @@
+-- depends: 0002_partition_tasks
+-- Fencing tokens: `attempt` counts the claims of a task. Every claim (received ->
+-- processing) and every reclaim or release (processing -> received) bumps it, and
+-- processing -> done / -> received succeed only for the attempt the writer holds, so an
+-- owner whose lease was taken back changes nothing, and a retry after a lost reply can
+-- tell "done by me" (its attempt) from "done by someone else".
+--
+-- Ordered before 0003 (the live migration, which comes and goes while the daemons run):
+-- the daemons' queries need this column, so `migrator down` must never take it first.
+-- A constant default adds the column without rewriting any partition.
+SET LOCAL lock_timeout = '1s';
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS attempt integer NOT NULL DEFAULT 0;
