@@ -62,6 +62,7 @@ class NewTask:
     type: int
     value: int
     creation_time: float = 0.0
+    key: str = ""  # a new task's idempotency key ("" = none)
 
 
 class Coalescer(Generic[In, R]):
@@ -189,7 +190,7 @@ class Engine:
             "mark-processing", self._mark_processing, self._start_work, self.db
         )
         self.registrar: Coalescer[NewTask, TaskRow] = Coalescer(
-            "register", self._register, self._start_work, self.db
+            "register", self._register, self._start_registered, self.db
         )
 
     def _db_changed(self, ok: bool) -> None:
@@ -253,8 +254,14 @@ class Engine:
             if fresh:
                 rows = await self.registrar.submit([tasks[i] for i in fresh])
                 for i, row in zip(fresh, rows, strict=True):
-                    if row is not None:
-                        statuses[i], ids[i] = TaskStatus.ACCEPTED, row.id
+                    if row is None:
+                        continue  # its key is being registered by another call: retry
+                    ids[i] = row.id
+                    if row.attempt:
+                        statuses[i] = TaskStatus.ACCEPTED
+                    else:  # an earlier call with its key made the task
+                        statuses[i] = TaskStatus.DUPLICATE
+                        metrics.rejected["duplicate"].inc()
         finally:
             self.reserved -= granted
         return ids, statuses
@@ -266,17 +273,42 @@ class Engine:
         return [by_id.pop(i, None) for i in ids]
 
     async def _register(self, tasks: list[NewTask]) -> list[TaskRow | None]:
+        """Tasks without a key in one statement, tasks with one in another. A row with
+        attempt 0 is one an earlier call with the same key made (not claimed now)."""
         now = time.time()
-        rows = await self.store.insert_batch(
-            [t.type for t in tasks],
-            [t.value for t in tasks],
-            [t.creation_time or now for t in tasks],
-            state="processing",
-        )
+        out: list[TaskRow | None] = [None] * len(tasks)
+        plain = [i for i, t in enumerate(tasks) if not t.key]
+        keyed = [i for i, t in enumerate(tasks) if t.key]
+        made: list[TaskRow] = []
+        if plain:
+            made = await self.store.insert_batch(
+                [tasks[i].type for i in plain],
+                [tasks[i].value for i in plain],
+                [tasks[i].creation_time or now for i in plain],
+                state="processing",
+            )
+            # Sequence values are drawn in row order within one INSERT ... SELECT.
+            made.sort(key=lambda r: r.id)
+            for i, row in zip(plain, made, strict=True):
+                out[i] = row
+        if keyed:
+            try:
+                rows = await self.store.register_keyed(
+                    [tasks[i].key for i in keyed],
+                    [tasks[i].type for i in keyed],
+                    [tasks[i].value for i in keyed],
+                    [tasks[i].creation_time or now for i in keyed],
+                )
+            except TRANSIENT_ERRORS:
+                self._start_work(made)  # registered already: worked, whatever the callers hear
+                raise
+            for i, maybe in zip(keyed, rows, strict=True):
+                out[i] = maybe
         metrics.batch_processing.observe(len(tasks))
-        # Identity values are drawn in row order within one INSERT ... SELECT.
-        rows.sort(key=lambda r: r.id)
-        return list(rows)
+        return out
+
+    def _start_registered(self, rows: list[TaskRow]) -> None:
+        self._start_work([r for r in rows if r.attempt])  # attempt 0: made earlier
 
     # --- work ----------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ VALUE_RANGE = range(100)
 # still to be worked.
 MAX_TASK_AGE_S = 24 * 3600.0
 MAX_CLOCK_SKEW_S = 300.0
+MAX_KEY_CHARS = 128
 
 STATUS_OF_ERROR: dict[type[DaemonError], grpc.StatusCode] = {
     InvalidTask: grpc.StatusCode.INVALID_ARGUMENT,
@@ -99,8 +100,13 @@ def to_new_task(
         raise InvalidTask(f"{where}value {task.value} out of range 0..99")
     if task.id < 0:
         raise InvalidTask(f"{where}id {task.id} is negative")
+    key = task.idempotency_key
+    if key and task.id:
+        raise InvalidTask(f"{where}idempotency_key is for new tasks (id 0) only")
+    if len(key) > MAX_KEY_CHARS:
+        raise InvalidTask(f"{where}idempotency_key longer than {MAX_KEY_CHARS} characters")
     _check_creation_time(task, where, time.time() if now is None else now)
-    return eng.NewTask(task.id, task.type, task.value, task.creation_time)
+    return eng.NewTask(task.id, task.type, task.value, task.creation_time, key)
 
 
 def _check_creation_time(task: tasks_pb2.Task, where: str, now: float) -> None:

@@ -190,6 +190,14 @@ class TaskStore(Protocol):
         state: str = "received",
     ) -> list[TaskRow]: ...
 
+    async def register_keyed(
+        self,
+        keys: Sequence[str],
+        types: Sequence[int],
+        values: Sequence[int],
+        creation_times: Sequence[float],
+    ) -> list[TaskRow | None]: ...
+
     async def reserve_ids(self, n: int) -> list[int]: ...
 
     async def insert_reserved(
@@ -290,6 +298,31 @@ class Store:
             },
         )
         return [TaskRow(*r) for r in rows]
+
+    async def register_keyed(
+        self,
+        keys: Sequence[str],
+        types: Sequence[int],
+        values: Sequence[int],
+        creation_times: Sequence[float],
+    ) -> list[TaskRow | None]:
+        """Client tasks with idempotency keys, registered `processing`. One result per
+        request, in order: the new task (attempt 1); the task an earlier call with that
+        key made (attempt 0: this call claimed nothing); None if a concurrent call is
+        registering the same key (try again)."""
+        rows = await self._rows(
+            "register_keyed",
+            {
+                "keys": list(keys),
+                "types": pg_array(types),
+                "values": pg_array(values),
+                "creation_times": pg_array(creation_times),
+            },
+        )
+        out: list[TaskRow | None] = [None] * len(keys)
+        for n, *row in rows:
+            out[n - 1] = TaskRow(*row)
+        return out
 
     async def reserve_ids(self, n: int) -> list[int]:
         """n ids of the task sequence, for insert_reserved."""
@@ -435,6 +468,8 @@ class Store:
                 sql.SQL("ALTER TABLE tasks_done DETACH PARTITION {} {}").format(ident, how)
             )
             await self._drop_detached(conn, part.name, report)
+        if retention_s > 0:
+            await conn.execute(q("prune_task_keys"), {"retention_s": retention_s})
         await conn.execute(q("vacuum_unfinished"))
 
     async def _drop_detached(

@@ -45,6 +45,7 @@ class InMemoryStore:
         self.tasks: dict[int, StoredTask] = {}
         self.totals = {t: [0, 0] for t in TYPES}  # type -> [done count, value sum], lifetime
         self.fail: BaseException | None = None
+        self.keys: dict[str, int] = {}  # idempotency key -> task id
         # Set lose_reply for the next write (insert_reserved, mark_done) to commit and
         # then raise lose_reply_error, as a connection lost before the reply does.
         self.lose_reply = False
@@ -109,6 +110,31 @@ class InMemoryStore:
                 self._count_done(task)
             rows.append(task.claimed())
         return rows
+
+    async def register_keyed(
+        self,
+        keys: Sequence[str],
+        types: Sequence[int],
+        values: Sequence[int],
+        creation_times: Sequence[float],
+    ) -> list[TaskRow | None]:
+        self._maybe_fail()
+        known = {k: self.keys[k] for k in keys if k in self.keys}  # before this call
+        out: list[TaskRow | None] = []
+        now = self.clock()
+        for key, t, v, created in zip(keys, types, values, creation_times, strict=True):
+            if key in known:
+                out.append(TaskRow(known[key], t, v, created, 0))
+            elif key in self.keys:  # twice in this batch: as a concurrent registration
+                out.append(None)
+            else:
+                row = TaskRow(self._next_id, t, v, created)
+                self._next_id += 1
+                self.keys[key] = row.id
+                task = StoredTask(row, "processing", now, 1)
+                self.tasks[row.id] = task
+                out.append(task.claimed())
+        return out
 
     async def reserve_ids(self, n: int) -> list[int]:
         self._maybe_fail()

@@ -17,6 +17,38 @@ FROM unnest(%(types)s::smallint[], %(values)s::smallint[], %(creation_times)s::f
      AS u(type, value, creation_time)
 RETURNING id, type, value, creation_time, attempt
 
+-- name: register_keyed
+-- Client tasks with idempotency keys, registered `processing` (a first claim) in one
+-- statement: a key seen before gives back its task's id with attempt 0 ("claimed
+-- nothing now"); a new key takes an id and makes the task. `n` maps each row back to
+-- its request; a key twice in one batch is registered for its first request only. A key
+-- that a concurrent statement is registering gives no row at all (its
+-- insert waits, then skips; this snapshot cannot see it yet): the caller answers "try
+-- again", and the retry finds it.
+WITH u AS (
+    SELECT * FROM unnest(%(keys)s::text[], %(types)s::smallint[], %(values)s::smallint[],
+                         %(creation_times)s::float8[])
+             WITH ORDINALITY AS u(key, type, value, creation_time, n)
+), first AS (
+    SELECT DISTINCT ON (key) key, type, value, creation_time, n FROM u ORDER BY key, n
+), claimed AS (
+    INSERT INTO task_keys (key, id)
+    SELECT key, nextval('task_ids') FROM first
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key, id
+), made AS (
+    INSERT INTO tasks (id, type, value, state, creation_time, last_update_time, attempt)
+    SELECT c.id, f.type, f.value, 'processing', f.creation_time,
+           extract(epoch FROM statement_timestamp()), 1
+    FROM claimed AS c JOIN first AS f ON f.key = c.key
+    RETURNING id, type, value, creation_time, attempt
+)
+SELECT f.n, m.id, m.type, m.value, m.creation_time, m.attempt
+FROM made AS m JOIN claimed AS c ON c.id = m.id JOIN first AS f ON f.key = c.key
+UNION ALL
+SELECT u.n, k.id, u.type, u.value, u.creation_time, 0
+FROM task_keys AS k JOIN u ON u.key = k.key
+
 -- name: reserve_ids
 -- The producer takes its batch's ids before it inserts, so an insert retried after a
 -- lost reply names the same rows and cannot make a second copy of them.
@@ -164,6 +196,13 @@ ORDER BY 1
 
 -- name: db_now
 SELECT extract(epoch FROM clock_timestamp())
+
+-- name: prune_task_keys
+-- Idempotency keys kept as long as done tasks are; a bounded batch per pass.
+DELETE FROM task_keys WHERE key IN (
+    SELECT key FROM task_keys WHERE created < extract(epoch FROM statement_timestamp()) - %(retention_s)s
+    ORDER BY created LIMIT 10000
+)
 
 -- name: vacuum_unfinished
 -- SKIP_LOCKED: if autovacuum is at it already, this pass leaves it be.

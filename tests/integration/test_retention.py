@@ -221,3 +221,17 @@ async def test_start_up_reads_the_same_few_rows_whatever_the_history(db_url: str
         assert totals[3] == (200_000, sum(g % 100 for g in range(3, 2_000_001, 10)))
     finally:
         await store.close()
+
+
+async def test_idempotency_keys_are_kept_as_long_as_done_tasks(db_url: str) -> None:
+    store = await _store(db_url)
+    try:
+        now = time.time()
+        await store.register_keyed(["old", "new"], [1, 1], [1, 1], [now, now])
+        sql(db_url, "UPDATE task_keys SET created = created - 7200 WHERE key = 'old'")
+        await store.maintain(60, 600, 0)  # no retention: keys are kept too
+        assert len(sql(db_url, "SELECT key FROM task_keys")) == 2
+        await store.maintain(60, 600, 3600)
+        assert sql(db_url, "SELECT key FROM task_keys") == [("new",)]
+    finally:
+        await store.close()

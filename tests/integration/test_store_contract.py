@@ -114,6 +114,27 @@ async def test_a_retried_reserved_insert_never_makes_a_second_copy(backend: Back
         assert await store.count_unfinished() == 5
 
 
+async def test_a_key_registers_its_task_once(backend: Backend) -> None:
+    """Client tasks with idempotency keys: made `processing` once; the same key again
+    gives the first task back, unclaimed (attempt 0); a key twice in one batch is made
+    for its first request and the second is told to try again (None)."""
+    async with backend.store() as store:
+        now = time.time()
+        first = await store.register_keyed(["a", "b"], [1, 2], [10, 20], [now, now])
+        assert all(r is not None and r.attempt == 1 for r in first)
+        assert [(r.type, r.value) for r in first if r] == [(1, 10), (2, 20)]
+        again = await store.register_keyed(["b", "c", "a"], [2, 3, 1], [20, 30, 10], [now] * 3)
+        assert again[0] is not None and again[2] is not None and again[1] is not None
+        assert (again[0].id, again[0].attempt) == (first[1].id, 0)  # type: ignore[union-attr]
+        assert (again[2].id, again[2].attempt) == (first[0].id, 0)  # type: ignore[union-attr]
+        assert again[1].attempt == 1  # "c" is new
+        twice = await store.register_keyed(["d", "d"], [4, 4], [1, 1], [now, now])
+        assert twice[0] is not None and twice[0].attempt == 1 and twice[1] is None
+        assert backend.states() == {"received": 0, "processing": 4, "done": 0}
+        done = await store.mark_done([r for r in first if r])
+        assert sorted(done) == sorted(r.id for r in first if r)
+
+
 async def test_each_transition_wins_once_and_only_from_its_state(backend: Backend) -> None:
     async with backend.store() as store:
         rows = await store.insert_batch([1, 1, 2, 3], [10, 20, 30, 40], [time.time()] * 4)

@@ -455,3 +455,35 @@ def test_tls_link_and_plaintext_refused(bundle: Bundle, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert out.returncode == 2 and "CONSUMER_TLS_KEY" in out.stderr
+
+
+def test_new_tasks_retried_with_their_key_after_a_deadline_are_made_once(
+    bundle: Bundle, roomy
+) -> None:  # type: ignore[no-untyped-def]
+    """Submit(id 0) with an idempotency key under deadlines short enough to expire while
+    the server works, then the same call again: one row per key, the retry answered with
+    the first call's id; and a client that went away leaves no traceback in the log."""
+    consumer, stub, _ = roomy
+    stamp = time.time() - 120.0
+    ids: dict[str, int] = {}
+    duplicates = 0
+    for k in range(40):
+        task = S.Task(type=k % 10, value=k % 100, creation_time=stamp, idempotency_key=f"r{k}")
+        try:
+            stub.Submit(S.SubmitRequest(task=task), timeout=(0.0003, 0.001, 0.002)[k % 3])
+            continue  # answered in time: nothing to retry
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
+        reply = stub.Submit(S.SubmitRequest(task=task), timeout=5)
+        assert reply.status in (S.TASK_STATUS_ACCEPTED, S.TASK_STATUS_DUPLICATE), reply
+        duplicates += reply.status == S.TASK_STATUS_DUPLICATE
+        ids[task.idempotency_key] = reply.id
+    wait_until(lambda: states(bundle.db_url)["processing"] == 0, 30, "no work left")
+    rows = sql(bundle.db_url, "SELECT id FROM tasks WHERE creation_time = %s", (stamp,))
+    keys = dict(sql(bundle.db_url, "SELECT key, id FROM task_keys WHERE key LIKE 'r%%'"))
+    assert len(rows) == len(keys) == 40, (len(rows), len(keys))  # one task per key
+    assert {k: keys[k] for k in ids} == ids  # each retry was told the first call's task
+    print(f"\n{len(ids)} calls retried after their deadline, {duplicates} had made the task")
+    assert duplicates >= 1, "no retry met a task its first call had made: tighten deadlines"
+    log = consumer.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]

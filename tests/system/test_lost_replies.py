@@ -5,8 +5,12 @@ database, the metrics and the logs must still agree."""
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlsplit
 
+import grpc
+
+from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from tests.conftest import sql, states
 from tests.system.harness import Bundle, wait_until
 from tests.system.ledgers import (
@@ -65,3 +69,44 @@ def test_a_done_write_whose_reply_is_lost_is_counted_once(bundle: Bundle) -> Non
     finally:
         proxy.close()
     assert len(consumer.events("db_write_failing")) >= 1
+
+
+def test_a_client_registration_whose_reply_is_lost_is_made_once(bundle: Bundle) -> None:
+    """The consumer's insert of a client's keyed task commits and its reply is lost: the
+    client hears UNAVAILABLE and retries with the same key, and gets the first task back.
+    The task, registered but never started by the failed call, is reclaimed by the
+    consumer's own sweep once its lease ends, and done."""
+    pg_port = urlsplit(bundle.db_url).port
+    assert pg_port
+    proxy = ReplyDropper(pg_port, "INSERT INTO task_keys", every=2, limit=5)
+    stamp = time.time() - 60.0
+    try:
+        bundle.consumer(
+            DATABASE_URL=proxy.url(bundle.db_url, pg_port),
+            CONSUMER_WORK_SCALE="0",
+            CONSUMER_SWEEP_INTERVAL="0.5",
+            CONSUMER_LEASE_TIMEOUT="2",
+            CONSUMER_REDELIVER_AFTER="1",
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{bundle.grpc_port}") as channel:
+            stub = tasks_pb2_grpc.ConsumerStub(channel)
+            retried = 0
+            for k in range(20):
+                task = tasks_pb2.Task(type=k % 10, value=k, creation_time=stamp)
+                task.idempotency_key = f"lost-{k}"
+                for _ in range(10):
+                    try:
+                        reply = stub.Submit(tasks_pb2.SubmitRequest(task=task), timeout=5)
+                        break
+                    except grpc.RpcError as err:
+                        assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                        retried += 1
+                assert reply.status in (
+                    tasks_pb2.TASK_STATUS_ACCEPTED,
+                    tasks_pb2.TASK_STATUS_DUPLICATE,
+                )
+        wait_until(lambda: states(bundle.db_url)["done"] == 20, 30, "every task done")
+    finally:
+        proxy.close()
+    assert proxy.dropped == 5 and retried >= 5, (proxy.dropped, retried)
+    assert len(sql(bundle.db_url, "SELECT id FROM tasks WHERE creation_time = %s", (stamp,))) == 20

@@ -205,3 +205,25 @@ def test_a_done_write_whose_reply_was_lost_is_counted_once(
     assert _states(store)["done"] == 5 and store.totals[7] == [5, 15]
     assert engine.done_total == 5 and engine.counts[7] == 5 and engine.sums[7] == 15
     assert sum(r.getMessage() == "task_done" for r in caplog.records) == 5  # a line each
+
+
+def test_a_new_task_retried_with_its_key_is_made_once() -> None:
+    """Submit(id 0) with an idempotency key, then the same call again (the client's
+    deadline passed, or its reply was lost): one task, worked and counted once; the
+    retry is answered DUPLICATE with the first call's id."""
+
+    async def scenario() -> tuple[eng.Engine, InMemoryStore]:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, work_scale=0)
+        task = NewTask(0, 8, 40, 0.0, "client-1:42")
+        ids, statuses = await engine.admit([task])
+        again_ids, again = await engine.admit([task, NewTask(0, 8, 2, 0.0, "client-1:43")])
+        assert statuses == [ACCEPTED] and again == [TaskStatus.DUPLICATE, ACCEPTED]
+        assert again_ids[0] == ids[0] and again_ids[1] != ids[0]
+        await until(lambda: not engine.processing)
+        await stop_loops(loops)
+        return engine, store
+
+    engine, store = run(scenario())
+    assert len(store.tasks) == 2 and _states(store)["done"] == 2
+    assert engine.counts[8] == 2 and engine.sums[8] == 42

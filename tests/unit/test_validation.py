@@ -85,3 +85,13 @@ async def test_submit_batch_without_tasks_is_refused_before_the_engine() -> None
     servicer = ConsumerServicer(Refusing(), max_batch=10)  # type: ignore[arg-type]
     with pytest.raises(InvalidTask, match="empty batch"):
         await servicer.SubmitBatch(tasks_pb2.SubmitBatchRequest(), None)  # type: ignore[arg-type]
+
+
+def test_an_idempotency_key_is_for_new_tasks_and_bounded() -> None:
+    key = "k" * 128
+    task = to_new_task(tasks_pb2.Task(id=0, type=1, value=1, idempotency_key=key), now=NOW)
+    assert task.key == key
+    with pytest.raises(InvalidTask, match="new tasks"):
+        to_new_task(tasks_pb2.Task(id=5, type=1, value=1, idempotency_key="k"), now=NOW)
+    with pytest.raises(InvalidTask, match="longer than 128"):
+        to_new_task(tasks_pb2.Task(id=0, type=1, value=1, idempotency_key=key + "k"), now=NOW)

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n daemons/rpc/tasks/v1/tasks.proto\x12\x08tasks.v1\"F\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x05\x12\x15\n\rcreation_time\x18\x04 \x01(\x01\"-\n\rSubmitRequest\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.tasks.v1.Task\"?\n\x0bSubmitReply\x12\n\n\x02id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.tasks.v1.TaskStatus\"3\n\x12SubmitBatchRequest\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.tasks.v1.Task\"G\n\x10SubmitBatchReply\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12&\n\x08statuses\x18\x02 \x03(\x0e\x32\x14.tasks.v1.TaskStatus*\xab\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATUS_ACCEPTED\x10\x01\x12\x1c\n\x18TASK_STATUS_RATE_LIMITED\x10\x02\x12\x19\n\x15TASK_STATUS_DUPLICATE\x10\x03\x12\x17\n\x13TASK_STATUS_INVALID\x10\x04\x12\x14\n\x10TASK_STATUS_BUSY\x10\x05\x32\x8d\x01\n\x08\x43onsumer\x12\x38\n\x06Submit\x12\x17.tasks.v1.SubmitRequest\x1a\x15.tasks.v1.SubmitReply\x12G\n\x0bSubmitBatch\x12\x1c.tasks.v1.SubmitBatchRequest\x1a\x1a.tasks.v1.SubmitBatchReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n daemons/rpc/tasks/v1/tasks.proto\x12\x08tasks.v1\"_\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x05\x12\x15\n\rcreation_time\x18\x04 \x01(\x01\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"-\n\rSubmitRequest\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.tasks.v1.Task\"?\n\x0bSubmitReply\x12\n\n\x02id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.tasks.v1.TaskStatus\"3\n\x12SubmitBatchRequest\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.tasks.v1.Task\"G\n\x10SubmitBatchReply\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12&\n\x08statuses\x18\x02 \x03(\x0e\x32\x14.tasks.v1.TaskStatus*\xab\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATUS_ACCEPTED\x10\x01\x12\x1c\n\x18TASK_STATUS_RATE_LIMITED\x10\x02\x12\x19\n\x15TASK_STATUS_DUPLICATE\x10\x03\x12\x17\n\x13TASK_STATUS_INVALID\x10\x04\x12\x14\n\x10TASK_STATUS_BUSY\x10\x05\x32\x8d\x01\n\x08\x43onsumer\x12\x38\n\x06Submit\x12\x17.tasks.v1.SubmitRequest\x1a\x15.tasks.v1.SubmitReply\x12G\n\x0bSubmitBatch\x12\x1c.tasks.v1.SubmitBatchRequest\x1a\x1a.tasks.v1.SubmitBatchReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daemons.rpc.tasks.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=357
-  _globals['_TASKSTATUS']._serialized_end=528
+  _globals['_TASKSTATUS']._serialized_start=382
+  _globals['_TASKSTATUS']._serialized_end=553
   _globals['_TASK']._serialized_start=46
-  _globals['_TASK']._serialized_end=116
-  _globals['_SUBMITREQUEST']._serialized_start=118
-  _globals['_SUBMITREQUEST']._serialized_end=163
-  _globals['_SUBMITREPLY']._serialized_start=165
-  _globals['_SUBMITREPLY']._serialized_end=228
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=230
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=281
-  _globals['_SUBMITBATCHREPLY']._serialized_start=283
-  _globals['_SUBMITBATCHREPLY']._serialized_end=354
-  _globals['_CONSUMER']._serialized_start=531
-  _globals['_CONSUMER']._serialized_end=672
+  _globals['_TASK']._serialized_end=141
+  _globals['_SUBMITREQUEST']._serialized_start=143
+  _globals['_SUBMITREQUEST']._serialized_end=188
+  _globals['_SUBMITREPLY']._serialized_start=190
+  _globals['_SUBMITREPLY']._serialized_end=253
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=255
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=306
+  _globals['_SUBMITBATCHREPLY']._serialized_start=308
+  _globals['_SUBMITBATCHREPLY']._serialized_end=379
+  _globals['_CONSUMER']._serialized_start=556
+  _globals['_CONSUMER']._serialized_end=697
 # @@protoc_insertion_point(module_scope)

@@ -23,16 +23,18 @@ TASK_STATUS_INVALID: TaskStatus
 TASK_STATUS_BUSY: TaskStatus
 
 class Task(_message.Message):
-    __slots__ = ("id", "type", "value", "creation_time")
+    __slots__ = ("id", "type", "value", "creation_time", "idempotency_key")
     ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     CREATION_TIME_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     id: int
     type: int
     value: int
     creation_time: float
-    def __init__(self, id: _Optional[int] = ..., type: _Optional[int] = ..., value: _Optional[int] = ..., creation_time: _Optional[float] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, id: _Optional[int] = ..., type: _Optional[int] = ..., value: _Optional[int] = ..., creation_time: _Optional[float] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("task",)
