@@ -74,6 +74,10 @@ def test_stale_leases_and_lost_done_replies_count_each_task_once(bundle: Bundle)
     assert sum(aged) > 100 and reclaimed > 100, (sum(aged), reclaimed)  # the fault was real
     assert proxy.dropped >= 10, proxy.dropped
     assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": total}
+    print(
+        f"\nleases aged {sum(aged)}, tasks reclaimed {reclaimed}, done replies lost"
+        f" {proxy.dropped}; {total} done, counted and logged once each"
+    )
 
 
 def test_a_killed_consumers_tasks_are_done_after_every_producer_exited(bundle: Bundle) -> None:
@@ -101,3 +105,4 @@ def test_a_killed_consumers_tasks_are_done_after_every_producer_exited(bundle: B
     double, unlogged, not_done = compare(consumer_ledger(first.log(), second.log()), bundle.db_url)
     assert double == 0 and not not_done
     assert not unlogged_outside_kills(bundle.db_url, unlogged, [kill_at])
+    print(f"\nheld by the killed consumer: {held}; all {made} done, none twice")

@@ -51,6 +51,7 @@ def test_a_producer_insert_whose_reply_is_lost_is_made_once(bundle: Bundle) -> N
     consumer.terminate()
     assert consumer.wait(20) == 0
     assert compare(consumer_ledger(consumer.log()), bundle.db_url) == (0, set(), set())
+    print(f"\nlost insert replies: {proxy.dropped}; rows {TOTAL} = total, all done, 0 twice")
 
 
 def test_a_done_write_whose_reply_is_lost_is_counted_once(bundle: Bundle) -> None:
@@ -69,6 +70,7 @@ def test_a_done_write_whose_reply_is_lost_is_counted_once(bundle: Bundle) -> Non
     finally:
         proxy.close()
     assert len(consumer.events("db_write_failing")) >= 1
+    print(f"\nlost done replies: {proxy.dropped}; {TOTAL} done, counted and logged once each")
 
 
 def test_a_client_registration_whose_reply_is_lost_is_made_once(bundle: Bundle) -> None:
@@ -110,3 +112,4 @@ def test_a_client_registration_whose_reply_is_lost_is_made_once(bundle: Bundle) 
         proxy.close()
     assert proxy.dropped == 5 and retried >= 5, (proxy.dropped, retried)
     assert len(sql(bundle.db_url, "SELECT id FROM tasks WHERE creation_time = %s", (stamp,))) == 20
+    print(f"\nlost registration replies: {proxy.dropped}, retries {retried}; 20 keys, 20 tasks")
