@@ -84,10 +84,21 @@ async def _outcome(context: grpc.aio.ServicerContext, method: str) -> AsyncItera
         code = context.code() or grpc.StatusCode.UNKNOWN
         raise
     except BaseException:
-        code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+        code = _abandoned(context)
         raise
     finally:
         metrics.rpc_server.record(method, code.name, time.perf_counter() - start)
+
+
+def _abandoned(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code of a call whose handler was cut short: the client cancelled it, or its
+    deadline passed while the server worked (the work done stays done)."""
+    if context.cancelled():
+        return grpc.StatusCode.CANCELLED
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.UNKNOWN
 
 
 def to_new_task(

@@ -355,15 +355,18 @@ def check_whole_and_done(url: str, stamp: float, n: int, answered: bool) -> bool
     return bool(rows)
 
 
-def unanswered_at_server(bundle: Bundle, method: str) -> float:
-    """Calls of `method` the consumer's handler ended without an OK reply."""
-    return sum(
-        sample.value
-        for sample in samples(bundle.metrics_url("consumer"))
-        if sample.name == "grpc_server_handled_total"
-        and sample.labels["method"] == method
-        and sample.labels["code"] != "OK"
-    )
+def unanswered_at_server(bundle: Bundle, method: str) -> dict[str, float]:
+    """Calls of `method` the consumer's handler ended without an OK reply, by code."""
+    out: dict[str, float] = {}
+    for sample in samples(bundle.metrics_url("consumer")):
+        if (
+            sample.name == "grpc_server_handled_total"
+            and sample.labels["method"] == method
+            and sample.labels["code"] != "OK"
+            and sample.value
+        ):
+            out[sample.labels["code"]] = sample.value
+    return out
 
 
 def test_deadlines_that_expire_while_the_server_works(bundle: Bundle, roomy) -> None:  # type: ignore[no-untyped-def]
@@ -401,7 +404,9 @@ def test_deadlines_that_expire_while_the_server_works(bundle: Bundle, roomy) -> 
     # The deadlines did expire at the server, mid-work: it took calls the client had
     # given up on, and its handler ended some of them without a reply.
     assert worked_unanswered, outcomes
-    assert unanswered_at_server(bundle, "SubmitBatch") >= 1
+    # ... and says why: the deadline passed (or the client cancelled), never "unknown".
+    codes = unanswered_at_server(bundle, "SubmitBatch")
+    assert sum(codes.values()) >= 1 and set(codes) <= {"DEADLINE_EXCEEDED", "CANCELLED"}, codes
     assert states(bundle.db_url) == {
         "received": 0,
         "processing": 0,
