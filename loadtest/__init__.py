@@ -1,1 +1,1 @@
-"""Load tests: Locust gRPC users (`locust -f loadtest`). The benchmark is `python -m daemons.bench`."""
+"""Load tests: Locust gRPC users (`locust -f loadtest`); the benchmark is daemons.bench."""
