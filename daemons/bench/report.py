@@ -125,42 +125,53 @@ def fmt_table(result: dict[str, Any]) -> str:
             f"{lab.ljust(width)}  " + "  ".join(v.rjust(colw) for v in vs) for lab, vs in rows
         ]
     for name in names:
-        stmts = wls[name]["postgres"].get("statements")
-        if stmts:
-            lines += ["", f"pg_stat_statements, workload {name} (exec ms per s, calls, rows/call):"]
-            lines += [
-                f"  {st['exec_ms_per_s']:7.1f} {st['calls']:8,} {st['rows_per_call']:8.1f}  "
-                f"{st['query']}"
-                for st in stmts
-            ]
-    for name in names:
-        minutes = wls[name].get("minutes")
-        if minutes:
-            lines += ["", f"per minute, workload {name}:", MINUTE_HEAD]
-            lines += [minute_line(m) for m in minutes]
-            edge = wls[name]["minutes_first_vs_last"]
-            lines.append(f"first {edge['minutes_each']} min vs last {edge['minutes_each']} min:")
-            for key, v in edge.items():
-                if key != "minutes_each":
-                    ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
-                    lines.append(f"  {key:20} {v['first']:10.4g} -> {v['last']:10.4g}  {ratio}")
-    rpc = result.get("rpc")
-    if rpc:
-        lat = rpc["latency_ms"]
-        lines += [
-            "",
-            f"single-task Submit RPC ({rpc['concurrency']} concurrent calls, generator "
-            f"{rpc['generator']} x{rpc['generator_procs']}, {rpc['seconds']:.0f} s):",
-            f"  {rpc['ok_per_s']:,.0f} OK calls/s ({rpc['calls_per_s']:,.0f} calls/s), "
-            f"latency p50 {lat['p50']:.2f} / p95 {lat['p95']:.2f} / p99 {lat['p99']:.2f} ms",
-            f"  consumer CPU {rpc['cpu_s_per_1k_calls']['consumer']:.4f} s / 1k calls, "
-            f"{rpc['cpu_cores']['consumer']:.2f} cores busy; postgres "
-            f"{rpc['cpu_cores']['postgres']:.2f}, load generators "
-            f"{rpc['cpu_cores']['generators']:.2f}, other {rpc['cpu_cores']['other']:.2f} cores",
-            f"  codes {rpc['codes']}; rows registered in the database "
-            f"{rpc['db_registered_per_s']:,.0f}/s",
-        ]
+        lines += statement_lines(name, wls[name])
+        lines += minute_lines(name, wls[name])
+    if result.get("rpc"):
+        lines += rpc_lines(result["rpc"])
     return "\n".join(lines)
+
+
+def statement_lines(name: str, w: dict[str, Any]) -> list[str]:
+    stmts = w["postgres"].get("statements")
+    if not stmts:
+        return []
+    return ["", f"pg_stat_statements, workload {name} (exec ms per s, calls, rows/call):"] + [
+        f"  {st['exec_ms_per_s']:7.1f} {st['calls']:8,} {st['rows_per_call']:8.1f}  {st['query']}"
+        for st in stmts
+    ]
+
+
+def minute_lines(name: str, w: dict[str, Any]) -> list[str]:
+    """A soak's rows again, then the first minutes against the last."""
+    minutes = w.get("minutes")
+    if not minutes:
+        return []
+    lines = ["", f"per minute, workload {name}:", MINUTE_HEAD]
+    lines += [minute_line(m) for m in minutes]
+    edge = w["minutes_first_vs_last"]
+    lines.append(f"first {edge['minutes_each']} min vs last {edge['minutes_each']} min:")
+    for key, v in edge.items():
+        if key != "minutes_each":
+            ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
+            lines.append(f"  {key:20} {v['first']:10.4g} -> {v['last']:10.4g}  {ratio}")
+    return lines
+
+
+def rpc_lines(rpc: dict[str, Any]) -> list[str]:
+    lat, cores = rpc["latency_ms"], rpc["cpu_cores"]
+    return [
+        "",
+        f"single-task Submit RPC ({rpc['concurrency']} concurrent calls, generator "
+        f"{rpc['generator']} x{rpc['generator_procs']}, {rpc['seconds']:.0f} s):",
+        f"  {rpc['ok_per_s']:,.0f} OK calls/s ({rpc['calls_per_s']:,.0f} calls/s), "
+        f"latency p50 {lat['p50']:.2f} / p95 {lat['p95']:.2f} / p99 {lat['p99']:.2f} ms",
+        f"  consumer CPU {rpc['cpu_s_per_1k_calls']['consumer']:.4f} s / 1k calls, "
+        f"{cores['consumer']:.2f} cores busy; postgres {cores['postgres']:.2f}, load generators "
+        f"{cores['generators']:.2f}, other {cores['other']:.2f} cores",
+        f"  codes {rpc['codes']}; rows registered in the database "
+        f"{rpc['db_registered_per_s']:,.0f}/s",
+    ]
 
 
 def nice_ceiling(y: float) -> float:

@@ -209,10 +209,6 @@ def run_rpc(run: Run, opts: Options, progress: Progress, stamp: str) -> dict[str
     calls = read_h2load(gens) if h2load is not None else read_python(gens)
     if not samples or not calls.latencies:
         raise BenchError("RPC load generators ended before any measurement")
-    first = next((s for s in samples if s[0] >= calls.t0), samples[0])
-    last = next((s for s in reversed(samples) if s[0] <= calls.t1), samples[-1])
-    span = max(last[0] - first[0], 1e-6)
-    cpu = last[1].minus(first[1])
     prof = profile.finish(spies, spy_seconds, "single-task Submit RPC", stamp)
     port = consumer.env["CONSUMER_METRICS_PORT"]
     batch_size = "consumer_db_batch_size_count"
@@ -231,9 +227,31 @@ def run_rpc(run: Run, opts: Options, progress: Progress, stamp: str) -> dict[str
         )
     codes = h2load_codes(calls, bundle.db_url) if h2load is not None else calls.codes
     run.end_phase(bundle)
-    ok_per_s = codes.get("OK", 0) / opts.rpc_seconds
     return {
         "generator": generator,
+        **rpc_figures(opts, calls, codes, samples, registered),
+        "consumer_exit_code": exit_code,
+        "statements": statements,
+        **({"profile": prof} if prof else {}),
+        "settings": knobs,
+    }
+
+
+def rpc_figures(
+    opts: Options,
+    calls: Calls,
+    codes: dict[str, int],
+    samples: list[tuple[float, CpuSnapshot]],
+    registered: int,
+) -> dict[str, Any]:
+    """Calls/s, OK calls/s and latency over the generators' window; CPU from the two
+    samples that bracket it."""
+    first = next((s for s in samples if s[0] >= calls.t0), samples[0])
+    last = next((s for s in reversed(samples) if s[0] <= calls.t1), samples[-1])
+    span = max(last[0] - first[0], 1e-6)
+    cpu = last[1].minus(first[1])
+    ok_per_s = codes.get("OK", 0) / opts.rpc_seconds
+    return {
         "calls_per_s": len(calls.latencies) / opts.rpc_seconds,
         "ok_per_s": ok_per_s,
         "latency_ms": percentiles_ms(calls.latencies),
@@ -251,8 +269,4 @@ def run_rpc(run: Run, opts: Options, progress: Progress, stamp: str) -> dict[str
             "generators": sum(v for n, v in cpu.items() if n.startswith("gen")) / span,
             "other": cpu["other"] / span,
         },
-        "consumer_exit_code": exit_code,
-        "statements": statements,
-        **({"profile": prof} if prof else {}),
-        "settings": knobs,
     }
