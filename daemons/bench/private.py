@@ -83,11 +83,10 @@ class PrivateBundle:
     def metrics_url(self, daemon: str) -> str:
         return metrics_url(self.ports[daemon.upper() + "_METRICS_PORT"])
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, int]:
-        """SIGTERM, producers first (nothing new reaches a consumer that is draining):
-        the exit code of each daemon, by log file name."""
-        ordered = sorted(self.daemons, key=lambda d: d.name != "producer")
-        return {d.log_path.stem: d.stop(signal.SIGTERM, timeout_s) for d in ordered}
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM, producers first (nothing new reaches a consumer that is draining)."""
+        for daemon in sorted(self.daemons, key=lambda d: d.name != "producer"):
+            daemon.stop(signal.SIGTERM, timeout_s)
 
     def close(self) -> None:
         """SIGKILL whatever is still running (a test's teardown)."""
