@@ -117,7 +117,7 @@ BENCH_ARGS ?=
 
 bench: $(STAMP) ## benchmark a private bundle: tasks/s, latency, CPU/1k, ceiling (CONSUMERS= BENCH_ARGS=)
 	@mkdir -p profiles
-	$(BIN)/python -m loadtest.bench --consumers $(CONSUMERS) --producers $(PRODUCERS) $(BENCH_ARGS)
+	$(BIN)/python -m daemons.bench --consumers $(CONSUMERS) --producers $(PRODUCERS) $(BENCH_ARGS)
 
 # Not in CI: SOAK_MINUTES at about half the max rate, with retention short enough to run
 # many times; a row per minute as it ends, then first-5 vs last-5-minute ratios.
@@ -127,7 +127,7 @@ SOAK_RETENTION ?= 3m
 .PHONY: soak
 soak: $(STAMP) ## soak at ~half the max rate, a row per minute (SOAK_MINUTES, SOAK_RATE, SOAK_RETENTION)
 	@mkdir -p profiles
-	$(BIN)/python -m loadtest.bench --workloads default --seconds $$(( $(SOAK_MINUTES) * 60 )) \
+	$(BIN)/python -m daemons.bench --workloads default --seconds $$(( $(SOAK_MINUTES) * 60 )) \
 		--warmup 30 --rpc-seconds 0 --ceiling-seconds 0 --minute-rows \
 		--set PRODUCER_RATE=$(SOAK_RATE) --set TASKS_RETENTION=$(SOAK_RETENTION) $(BENCH_ARGS)
 

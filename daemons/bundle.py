@@ -21,15 +21,11 @@ from typing import Any
 
 from daemons import logs
 from daemons.errors import DaemonError
-from daemons.settings import _Common, load, mask
+from daemons.settings import CommonSettings, load, mask
 from daemons.store import Store
 
 ROOT = Path.cwd()
 PROMETHEUS_URL = "http://127.0.0.1:9090"  # conf/prometheus.conf
-
-
-class BundleSettings(_Common):
-    pass
 
 
 def supervisor_conf(root: Path, local_db: bool, prometheus: bool, scaled: bool = False) -> str:
@@ -142,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     prom.add_argument("--url", default=PROMETHEUS_URL)
     args = parser.parse_args(argv)
     try:
-        settings = load(BundleSettings)
+        settings = load(CommonSettings)
         logs.configure("bundle", "WARNING", "console")
         if args.cmd == "write-conf":
             etc = Path(sys.prefix) / "etc"

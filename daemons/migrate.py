@@ -22,14 +22,10 @@ from yoyo import get_backend, read_migrations
 
 from daemons import logs, schema_dir
 from daemons.errors import DaemonError
-from daemons.settings import _Common, load, mask
+from daemons.settings import CommonSettings, load, mask
 from daemons.store import count_stored_tasks, wait_for_database
 
 log = logging.getLogger("daemons.migrator")
-
-
-class MigratorSettings(_Common):
-    pass
 
 
 def _backend(dsn: str) -> Any:
@@ -114,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", parents=[common], help="list applied and pending migrations")
     args = parser.parse_args(argv)
     try:
-        settings = load(MigratorSettings)
+        settings = load(CommonSettings)
     except DaemonError as exc:
         print(f"migrator: {exc}", file=sys.stderr)
         return exc.exit_code

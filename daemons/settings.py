@@ -50,7 +50,7 @@ def _port(default: int, what: str) -> Any:
     return Field(default, ge=0, le=65535, description=f"{what} port on HTTP_HOST (0 = off)")
 
 
-class _Common(BaseSettings):
+class CommonSettings(BaseSettings):
     """Settings both daemons share (each under its own prefix, except DATABASE_URL)."""
 
     model_config = SettingsConfigDict(
@@ -103,20 +103,25 @@ class _Common(BaseSettings):
         description="N-th of several on one host: ports shift by N (gRPC) and 10*N (HTTP)",
     )
 
-    @model_validator(mode="after")
-    def _shift_ports(self) -> Any:
+    @model_validator(mode="before")
+    @classmethod
+    def _shift_ports(cls, data: Any) -> Any:
         """Instance N of a scaled-out bundle (supervisor numprocs) gets its own ports;
-        the values shown by --explain are the shifted, effective ones."""
-        if self.instance:
-            for name in ("metrics_port", "profiling_port"):
-                port = getattr(self, name, 0)
-                if port:
-                    object.__setattr__(self, name, port + 10 * self.instance)
-            listen = getattr(self, "listen", None)
-            if listen:
-                host, _, port = listen.rpartition(":")
-                object.__setattr__(self, "listen", f"{host}:{int(port) + self.instance}")
-        return self
+        the values shown by --explain are the shifted, effective ones. Shifted in the
+        input, before validation: the model stays frozen and the bounds of a port apply
+        to the port it will bind. Values that are not numbers are left to the fields'
+        own validation, which names them."""
+        instance = str(data.get("instance", "0")).strip() if isinstance(data, dict) else ""
+        if not instance.isdigit() or not int(instance):
+            return data
+        shifted = dict(data)
+        for name, step in (("metrics_port", 10), ("profiling_port", 10), ("listen", 1)):
+            if name in cls.model_fields:
+                value = str(data.get(name, cls.model_fields[name].default))
+                host, colon, port = value.rpartition(":")
+                if port.isdigit() and int(port):
+                    shifted[name] = f"{host}{colon}{int(port) + step * int(instance)}"
+        return shifted
 
     @field_validator("tasks_retention", mode="before")
     @classmethod
@@ -146,10 +151,10 @@ class _Common(BaseSettings):
         return self.database_url or localdb.default_url()
 
 
-S = TypeVar("S", bound=_Common)
+S = TypeVar("S", bound=CommonSettings)
 
 
-class ProducerSettings(_Common):
+class ProducerSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="PRODUCER_")
     prefix: ClassVar[str] = "PRODUCER_"
 
@@ -192,7 +197,7 @@ class ProducerSettings(_Common):
     )
 
 
-class ConsumerSettings(_Common):
+class ConsumerSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="CONSUMER_")
     prefix: ClassVar[str] = "CONSUMER_"
 
@@ -242,7 +247,7 @@ class ConsumerSettings(_Common):
         return self
 
 
-def env_name(cls: type[_Common], field: str) -> str:
+def env_name(cls: type[CommonSettings], field: str) -> str:
     info = cls.model_fields[field]
     alias = info.validation_alias
     if isinstance(alias, AliasChoices):
@@ -295,7 +300,7 @@ def mask(name: str, value: str) -> str:
     return _PASSWORD_PARAM.sub(r"\1***", value)  # a keyword DSN: host=... password=...
 
 
-def explain(settings: _Common) -> str:
+def explain(settings: CommonSettings) -> str:
     """Every setting: variable, effective value, source and meaning; secrets masked."""
     cls = type(settings)
     dotenv = (
@@ -335,17 +340,17 @@ ENV_EXAMPLE_HEAD = """\
 """
 
 
-def _shared(cls: type[_Common], field: str) -> bool:
+def _shared(cls: type[CommonSettings], field: str) -> bool:
     """Read under one name by every daemon (DATABASE_URL, TASKS_RETENTION)."""
     return isinstance(cls.model_fields[field].validation_alias, AliasChoices)
 
 
 def render_env_example() -> str:
     lines = [ENV_EXAMPLE_HEAD, "# --- Shared ---"]
-    for field, info in _Common.model_fields.items():
-        if _shared(_Common, field) and field != "database_url":
+    for field, info in CommonSettings.model_fields.items():
+        if _shared(CommonSettings, field) and field != "database_url":
             lines.append(f"# {info.description}")
-            lines.append(f"# {env_name(_Common, field)}={info.default}")
+            lines.append(f"# {env_name(CommonSettings, field)}={info.default}")
     lines.append("")
     for cls, title in ((ProducerSettings, "Producer"), (ConsumerSettings, "Consumer")):
         lines.append(f"# --- {title} ---")

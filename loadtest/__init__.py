@@ -1,1 +1,1 @@
-"""Load tests (Locust gRPC users) and the benchmark (`python -m loadtest.bench`)."""
+"""Load tests: Locust gRPC users (`locust -f loadtest`); the benchmark is daemons.bench."""

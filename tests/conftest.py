@@ -1,26 +1,23 @@
-"""Shared fixtures: a real PostgreSQL for the whole session (a throwaway embedded cluster,
-or TEST_DATABASE_URL), and a fresh database per test cloned from a migrated template."""
+"""What every tier shares: the fixtures (written once, in the modules named by
+pytest_plugins, psycopg-style), the repository's paths, `need` for a missing tool, and
+SQL helpers."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
-from daemons.bench.cluster import PrivatePostgres
 from daemons.bench.ports import free_port as free_port  # re-exported for the tests
+
+pytest_plugins = ("tests.fix_db", "tests.fix_bundle")
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TEMPLATE = "tasks_template"
 
 
 def need(condition: bool, reason: str) -> None:
@@ -29,61 +26,6 @@ def need(condition: bool, reason: str) -> None:
         if CI:
             pytest.fail(f"CI=true and a test prerequisite is missing: {reason}")
         pytest.skip(reason)
-
-
-def stop_process(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
-    """SIGTERM, wait up to `grace_s`, then SIGKILL."""
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def _with_db(url: str, dbname: str) -> str:
-    base, _, query = url.partition("?")
-    base = base.rsplit("/", 1)[0] + "/" + dbname
-    return base + (f"?{query}" if query else "")
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """URL of the maintenance database (`postgres`) of a server for this session."""
-    if os.environ.get("TEST_DATABASE_URL"):
-        yield _with_db(os.environ["TEST_DATABASE_URL"], "postgres")
-        return
-    pg = PrivatePostgres.start_new("tasks-test-pg-")
-    try:
-        yield pg.admin_url
-    finally:
-        pg.close()
-
-
-@pytest.fixture(scope="session")
-def pg_template(pg_server: str) -> str:
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-        conn.execute(f"CREATE DATABASE {TEMPLATE}")
-    url = _with_db(pg_server, TEMPLATE)
-    subprocess.run(
-        [str(BIN / "migrator"), "up"],
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-        capture_output=True,
-    )
-    return url
-
-
-@pytest.fixture
-def db_url(pg_server: str, pg_template: str) -> Iterator[str]:
-    """A fresh, migrated database for one test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    yield _with_db(pg_server, name)
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def sql(url: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:

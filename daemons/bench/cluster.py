@@ -6,6 +6,9 @@ test or phase. One piece of code, so the three cannot drift apart.
     url = pg.new_database("phase_1")       # migrated with the real migrator
     ...
     pg.close()                             # fast shutdown, directory removed
+
+The database functions below take the URL of any server's maintenance database, so the
+tests run the same code on TEST_DATABASE_URL.
 """
 
 from __future__ import annotations
@@ -45,6 +48,44 @@ def clean_env(**overrides: str) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(overrides)
     return env
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL (user, host, parameters) naming database `name`."""
+    base, _, query = url.partition("?")
+    base = base.rsplit("/", 1)[0] + "/" + name
+    return base + (f"?{query}" if query else "")
+
+
+def migrate(url: str, cwd: Path | None = None) -> None:
+    """`migrator up` on `url`, the real migrator, with none of the caller's settings."""
+    out = subprocess.run(
+        [str(BIN / "migrator"), "up"],
+        env=clean_env(DATABASE_URL=url),
+        cwd=cwd or tempfile.gettempdir(),  # no .env of the checkout leaks in
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"migrator up failed:\n{out.stdout}{out.stderr}")
+
+
+def create_database(admin_url: str, name: str, *, migrated: bool = True, template: str = "") -> str:
+    """A fresh database (dropped first if it exists), migrated with the real migrator
+    or cloned from `template`; its URL."""
+    drop_database(admin_url, name)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    url = with_database(admin_url, name)
+    if migrated and not template:
+        migrate(url)
+    return url
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 class PrivatePostgres:
@@ -92,28 +133,10 @@ class PrivatePostgres:
                 self.popen.wait(10)
 
     def new_database(self, name: str, *, migrate: bool = True, template: str = "") -> str:
-        """A fresh database (dropped first if it exists), migrated with the real migrator
-        or cloned from `template`."""
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
-        url = self.url(name)
-        if migrate and not template:
-            out = subprocess.run(
-                [str(BIN / "migrator"), "up"],
-                env=clean_env(DATABASE_URL=url),
-                cwd=self.root,  # no .env of the checkout leaks in
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if out.returncode != 0:
-                raise RuntimeError(f"migrator up failed:\n{out.stdout}{out.stderr}")
-        return url
+        return create_database(self.admin_url, name, migrated=migrate, template=template)
 
     def drop_database(self, name: str) -> None:
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        drop_database(self.admin_url, name)
 
     def close(self) -> None:
         self.stop()

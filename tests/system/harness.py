@@ -1,11 +1,12 @@
-"""Real daemons as subprocesses on loopback, and a real supervisord running the bundle's
-own conf/supervisord.conf, for system tests.
+"""Real daemons as subprocesses on loopback (daemons.bench.private, which the bench uses
+too), and a real supervisord running the bundle's own conf/supervisord.conf, for system
+tests.
 
     bundle = Bundle(db_url, tmp_path)
     consumer = bundle.consumer(CONSUMER_RATE_LIMIT="100")
     producer = bundle.producer(PRODUCER_RATE="500")
     wait_until(lambda: states(db_url)["done"] >= 100, 30, "tasks done")
-    producer.terminate(); assert producer.wait(10) == 0
+    assert producer.stop() == 0
 
 and a real Prometheus on the bundle's own conf/prometheus.yml, scraping those daemons:
 
@@ -19,20 +20,19 @@ import datetime
 import json
 import re
 import shutil
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from daemons.bench.cluster import clean_env
-from tests.conftest import BIN, ROOT, free_port, need, sql, stop_process
+from daemons.bench.ports import free_port
+from daemons.bench.private import PrivateBundle
+from daemons.bench.process import BIN, stop
+from daemons.bench.process import wait_until as wait_until  # for the tests
+from daemons.bench.scrape import Sample, scrape
+from tests.conftest import ROOT, need, sql
 from tests.rules import PROMETHEUS_CONF, rule_files
 
 DASHBOARD = ROOT / "provisioning" / "grafana" / "dashboards" / "tasks.json"
@@ -40,31 +40,7 @@ DASHBOARD = ROOT / "provisioning" / "grafana" / "dashboards" / "tasks.json"
 DEFAULT_TARGETS = {"producer": "127.0.0.1:9101", "consumer": "127.0.0.1:9102"}
 
 
-def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
-    """Poll `pred` until it returns something truthy; fail naming `what` after timeout."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for: {what} (last: {last!r})")
-
-
-def scrape(metrics_url: str) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample of a /metrics page: (name, labels, value)."""
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    return [
-        (sample.name, sample.labels, sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
-
-
-def _by_type(
-    samples: list[tuple[str, dict[str, str], float]], count: str, total: str
-) -> dict[int, tuple[int, int]]:
+def _by_type(samples: list[Sample], count: str, total: str) -> dict[int, tuple[int, int]]:
     out: dict[int, list[int]] = {}
     for name, labels, value in samples:
         for i, wanted in enumerate((count, total)):
@@ -100,107 +76,8 @@ def max_id(db_url: str) -> int:
     return int(sql(db_url, "SELECT coalesce(max(id), 0) FROM tasks")[0][0])  # type: ignore[arg-type]
 
 
-class Proc:
-    """One daemon process with its log file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.name = name
-        self.log_path = cwd / f"{name}-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")  # closed in wait() or kill()
-        self.popen = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self, event: str) -> list[dict[str, str]]:
-        """Fields of every console log line with this event name."""
-        out = []
-        for line in self.log().splitlines():
-            parts = line.split(" ", 4)
-            if len(parts) >= 4 and parts[3] == event:
-                out.append(dict(re.findall(r"(\w+)=(\S+)", parts[4] if len(parts) > 4 else "")))
-        return out
-
-    def wait_event(self, event: str, timeout_s: float = 30.0) -> dict[str, str]:
-        found = wait_until(
-            lambda: self.events(event) or self.popen.poll() is not None,
-            timeout_s,
-            f"{self.name} logs {event}",
-        )
-        if found is True:
-            raise AssertionError(f"{self.name} exited before {event}:\n{self.log()[-3000:]}")
-        return found[-1]  # type: ignore[no-any-return]
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.popen.send_signal(sig)
-
-    def terminate(self) -> None:
-        self.signal(signal.SIGTERM)
-
-    def wait(self, timeout_s: float = 30.0) -> int:
-        rc = self.popen.wait(timeout_s)
-        self._log.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-        self._log.close()
-
-
-class Bundle:
-    """Daemons for one test: own ports, own working directory, one database."""
-
-    def __init__(self, db_url: str, workdir: Path) -> None:
-        self.db_url = db_url
-        self.workdir = workdir
-        self.grpc_port = free_port()
-        self.ports = {
-            "PRODUCER_METRICS_PORT": free_port(),
-            "PRODUCER_PROFILING_PORT": free_port(),
-            "CONSUMER_METRICS_PORT": free_port(),
-            "CONSUMER_PROFILING_PORT": free_port(),
-        }
-        self.procs: list[Proc] = []
-
-    def env(self, **overrides: str) -> dict[str, str]:
-        env = clean_env(
-            DATABASE_URL=self.db_url,
-            CONSUMER_LISTEN=f"127.0.0.1:{self.grpc_port}",
-            PRODUCER_CONSUMER_TARGET=f"127.0.0.1:{self.grpc_port}",
-            **{k: str(v) for k, v in self.ports.items()},
-        )
-        env.update(overrides)
-        return env
-
-    def _start(self, name: str, overrides: dict[str, str]) -> Proc:
-        proc = Proc(name, [str(BIN / name)], self.env(**overrides), self.workdir)
-        self.procs.append(proc)
-        return proc
-
-    def consumer(self, **env: str) -> Proc:
-        proc = self._start("consumer", env)
-        proc.wait_event("consumer_started")
-        return proc
-
-    def producer(self, **env: str) -> Proc:
-        proc = self._start("producer", env)
-        proc.wait_event("producer_started")
-        return proc
-
-    def metrics_url(self, daemon: str) -> str:
-        return f"http://127.0.0.1:{self.ports[daemon.upper() + '_METRICS_PORT']}/metrics"
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
+# The daemons of one test: own ports, own working directory, one database.
+Bundle = PrivateBundle
 
 
 class Supervisor:
@@ -414,7 +291,7 @@ class Prometheus:
         self.close()
 
     def close(self) -> None:
-        stop_process(self.popen, 15)
+        stop(self.popen, timeout_s=15)
         self._log.close()
 
     def get(self, path: str, **params: str) -> Any:

@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from daemons.bench.process import Daemon
 from daemons.logs import parse_id_ranges
 from tests.conftest import sql
-from tests.system.harness import Bundle, Proc, db_done_by_type, done_by_type, wait_until
+from tests.system.harness import Bundle, db_done_by_type, done_by_type, wait_until
 
 
 @dataclass
@@ -147,7 +148,7 @@ def unlogged_outside_kills(
     ]
 
 
-def stop_and_check_one_consumer(bundle: Bundle, consumer: Proc) -> dict[int, tuple[int, int]]:
+def stop_and_check_one_consumer(bundle: Bundle, consumer: Daemon) -> dict[int, tuple[int, int]]:
     """For a test with a single consumer process, its work ended: its counters (from zero)
     equal the database per type, and so do its own lines, each done task named once.
     Stops it; returns the database's {type: (count, sum)}."""

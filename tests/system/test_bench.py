@@ -15,7 +15,7 @@ from tests.conftest import ROOT, need
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", *args],
+        [sys.executable, "-m", "daemons.bench", *args],
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
         capture_output=True,

@@ -67,12 +67,9 @@ RESULTS: list[Result] = []
 EXPECTED_STARTS = {"consumer": 1, "producer": 1}
 
 
-# A private PostgreSQL that scenarios may restart (stop() is a fast shutdown).
-Cluster = PrivatePostgres
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL that scenarios may restart (stop() is a fast shutdown)."""
     c = PrivatePostgres.start_new("tasks-chaos-pg-")
     yield c
     c.close()
@@ -80,7 +77,7 @@ def cluster() -> Iterator[Cluster]:
 
 def run_scenario(
     name: str,
-    cluster: Cluster,
+    cluster: PrivatePostgres,
     tmp_path: Path,
     inject: Callable[[Bundle, Supervisor], None],
     total: int = TOTAL,
@@ -177,7 +174,7 @@ def run_scenario(
         bundle.close()
 
 
-def test_postgres_restart(cluster: Cluster, tmp_path: Path) -> None:
+def test_postgres_restart(cluster: PrivatePostgres, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         _in_flight(bundle, sup)
         cluster.stop()
@@ -187,7 +184,7 @@ def test_postgres_restart(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario("pg_restart", cluster, tmp_path, inject)
 
 
-def test_all_backends_killed(cluster: Cluster, tmp_path: Path) -> None:
+def test_all_backends_killed(cluster: PrivatePostgres, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         for _ in range(3):
             _in_flight(bundle, sup)
@@ -202,7 +199,7 @@ def test_all_backends_killed(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario("backends_killed", cluster, tmp_path, inject)
 
 
-def test_connection_exhaustion(cluster: Cluster, tmp_path: Path) -> None:
+def test_connection_exhaustion(cluster: PrivatePostgres, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         held: list[psycopg.Connection[tuple[object, ...]]] = []
         _in_flight(bundle, sup)  # before the slots are gone: this check needs one too
@@ -245,7 +242,7 @@ def _kill_and_wait_restart(sup: Supervisor, program: str) -> None:
     wait_until(lambda: sup.pid(program) not in (0, old), 20, f"{program} restarted")
 
 
-def test_consumer_sigkill_mid_work(cluster: Cluster, tmp_path: Path) -> None:
+def test_consumer_sigkill_mid_work(cluster: PrivatePostgres, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         sup.wait_running("consumer", timeout_s=30)
         _in_flight(bundle, sup)
@@ -254,7 +251,7 @@ def test_consumer_sigkill_mid_work(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario("consumer_kill", cluster, tmp_path, inject, expect_starts={"consumer": 2})
 
 
-def test_producer_sigkill_mid_send(cluster: Cluster, tmp_path: Path) -> None:
+def test_producer_sigkill_mid_send(cluster: PrivatePostgres, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         for _ in range(2):
             sup.wait_running("producer", timeout_s=30)
@@ -264,7 +261,7 @@ def test_producer_sigkill_mid_send(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario("producer_kill", cluster, tmp_path, inject, expect_starts={"producer": 3})
 
 
-def test_five_consumer_kills_in_a_minute(cluster: Cluster, tmp_path: Path) -> None:
+def test_five_consumer_kills_in_a_minute(cluster: PrivatePostgres, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         for _ in range(5):
             sup.wait_running("consumer", timeout_s=30)
@@ -277,7 +274,7 @@ def test_five_consumer_kills_in_a_minute(cluster: Cluster, tmp_path: Path) -> No
     )
 
 
-def test_migration_up_and_down_under_load(cluster: Cluster, tmp_path: Path) -> None:
+def test_migration_up_and_down_under_load(cluster: PrivatePostgres, tmp_path: Path) -> None:
     def inject(bundle: Bundle, sup: Supervisor) -> None:
         env = bundle.env()
         for _ in range(3):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import subprocess
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
+from daemons.bench.process import Daemon
+from daemons.bench.scrape import scrape
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from daemons.rpc_server import MAX_CLOCK_SKEW_S, MAX_TASK_AGE_S
 from tests.conftest import BIN, sql, states
-from tests.system.harness import Bundle, Proc, self_signed_cert, wait_until
+from tests.system.harness import Bundle, self_signed_cert, wait_until
 
 S = tasks_pb2
 MAX_BATCH = 50
@@ -126,11 +125,6 @@ def batch_refused(tasks: list[tasks_pb2.Task], now: float) -> bool:
     )
 
 
-def samples(metrics_url: str) -> list[Sample]:
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-
 class Live:
     """A consumer, a stub on it, and the database checks of every answer."""
 
@@ -168,7 +162,7 @@ class Live:
         """Every stamp the consumer took lies within a day back, so the end-to-end
         latencies it observed do too (stamps of 1970 once added 9e9 s to the sum)."""
         latency = {
-            s.name: s.value for s in samples(self.metrics_url) if s.name.startswith("task_latency")
+            s.name: s.value for s in scrape(self.metrics_url) if s.name.startswith("task_latency")
         }
         count, total = latency["task_latency_seconds_count"], latency["task_latency_seconds_sum"]
         assert count > 0 and 0 <= total <= count * (MAX_TASK_AGE_S + 60), latency
@@ -320,7 +314,7 @@ ROUNDS_MAX_S = 30.0
 
 
 @pytest.fixture
-def roomy(bundle: Bundle) -> Iterator[tuple[Proc, tasks_pb2_grpc.ConsumerStub, grpc.Channel]]:
+def roomy(bundle: Bundle) -> Iterator[tuple[Daemon, tasks_pb2_grpc.ConsumerStub, grpc.Channel]]:
     consumer = bundle.consumer(
         CONSUMER_MAX_BATCH=str(BIG),
         CONSUMER_MAX_IN_FLIGHT="1000000",
@@ -358,7 +352,7 @@ def check_whole_and_done(url: str, stamp: float, n: int, answered: bool) -> bool
 def unanswered_at_server(bundle: Bundle, method: str) -> dict[str, float]:
     """Calls of `method` the consumer's handler ended without an OK reply, by code."""
     out: dict[str, float] = {}
-    for sample in samples(bundle.metrics_url("consumer")):
+    for sample in scrape(bundle.metrics_url("consumer")):
         if (
             sample.name == "grpc_server_handled_total"
             and sample.labels["method"] == method

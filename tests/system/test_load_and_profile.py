@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 import subprocess
-import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from daemons.bench.scrape import metric_sum
 from tests.conftest import BIN, ROOT, free_port, need
 from tests.system.harness import Bundle, Supervisor, wait_until
 
@@ -19,10 +18,7 @@ LOCUST_TIMEOUT_S = 60
 
 
 def _metric(bundle: Bundle, name: str) -> float:
-    with urllib.request.urlopen(bundle.metrics_url("consumer"), timeout=5) as reply:
-        text = reply.read().decode()
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return metric_sum(bundle.metrics_url("consumer"), name) or 0.0
 
 
 def _locust(bundle: Bundle, out: Path, run_time: str, port: int | None = None) -> subprocess.Popen:  # type: ignore[type-arg]

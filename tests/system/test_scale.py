@@ -2,10 +2,11 @@
 
 import signal
 
-from tests.conftest import free_port, states
+from daemons.bench.process import Daemon
+from daemons.bench.scrape import metrics_url
+from tests.conftest import states
 from tests.system.harness import (
     Bundle,
-    Proc,
     db_done_by_type,
     done_by_type,
     lifetime_by_type,
@@ -14,24 +15,17 @@ from tests.system.harness import (
 from tests.system.ledgers import compare, consumer_ledger
 
 
-def _consumers(bundle: Bundle, n: int, **env: str) -> tuple[list[Proc], list[str], str]:
+def _consumers(bundle: Bundle, n: int, **env: str) -> tuple[list[Daemon], list[str], str]:
     procs, urls, addrs = [], [], []
     for _ in range(n):
-        port, metrics = free_port(), free_port()
-        procs.append(
-            bundle.consumer(
-                CONSUMER_LISTEN=f"127.0.0.1:{port}",
-                CONSUMER_METRICS_PORT=str(metrics),
-                CONSUMER_PROFILING_PORT="0",
-                **env,
-            )
-        )
-        urls.append(f"http://127.0.0.1:{metrics}/metrics")
-        addrs.append(f"127.0.0.1:{port}")
+        ports = bundle.extra_consumer_env()
+        procs.append(bundle.consumer(**ports, **env))
+        urls.append(metrics_url(ports["CONSUMER_METRICS_PORT"]))
+        addrs.append(ports["CONSUMER_LISTEN"])
     return procs, urls, "ipv4:" + ",".join(addrs)
 
 
-def _producers(bundle: Bundle, n: int, target: str, **env: str) -> list[Proc]:
+def _producers(bundle: Bundle, n: int, target: str, **env: str) -> list[Daemon]:
     return [
         bundle.producer(
             PRODUCER_CONSUMER_TARGET=target,

@@ -97,3 +97,20 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
             name = env_name(cls, field)
             default = "" if field == "database_url" else str(info.default)
             assert f"# {name}={default}" in text, name
+
+
+def test_instance_n_shifts_its_ports_and_the_settings_stay_frozen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Instance N of `make run CONSUMERS=3`: gRPC port +N, HTTP ports +10*N; 0 stays off."""
+    monkeypatch.setenv("CONSUMER_INSTANCE", "2")
+    monkeypatch.setenv("CONSUMER_PROFILING_PORT", "0")
+    monkeypatch.setenv("PRODUCER_INSTANCE", "1")
+    c, p = load(ConsumerSettings), load(ProducerSettings)
+    assert (c.listen, c.metrics_port, c.profiling_port) == ("127.0.0.1:50053", 9122, 0)
+    assert (p.metrics_port, p.profiling_port) == (9111, 6071)
+    with pytest.raises(ValueError, match="frozen"):
+        c.metrics_port = 1  # type: ignore[misc]
+    monkeypatch.setenv("CONSUMER_INSTANCE", "x")
+    with pytest.raises(SettingsError, match="CONSUMER_INSTANCE='x'"):
+        load(ConsumerSettings)

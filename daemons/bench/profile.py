@@ -2,10 +2,7 @@
 summary (self and inclusive share of samples per function, self share per package),
 and a self-contained flame graph (inline SVG, no dependency).
 
-    python -m loadtest.bench_profile profiles/bench-zero-consumer-<ts>.folded.txt
-
-Imports stay inside functions where they are heavy: Locust imports every file of this
-directory.
+    python -m daemons.bench.profile profiles/bench-zero-consumer-<ts>.folded.txt
 """
 
 from __future__ import annotations
@@ -13,12 +10,17 @@ from __future__ import annotations
 import colorsys
 import html
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from daemons.bench.process import stop
+
+Spies = dict[str, tuple[subprocess.Popen[bytes], Path]]  # name -> (py-spy, its output)
 
 RATE = 100  # py-spy samples per second
 
@@ -52,6 +54,32 @@ def start_record(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def wait(spies: Spies) -> None:
+    """Until each recorder has written its profile (its --duration is over)."""
+    for spy, _ in spies.values():
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            stop(spy, signal.SIGINT, 10)
+
+
+def finish(spies: Spies, seconds: float, label: str, stamp: str) -> dict[str, Any]:
+    """Wait for the py-spy recorders, print each hot-spot summary, write flame graphs."""
+    wait(spies)
+    out: dict[str, Any] = {}
+    for name, (_, path) in spies.items():
+        if not path.exists():
+            continue
+        stacks = read_folded(path)
+        summary = summarize(stacks, max(1, round(seconds)) * RATE)
+        title = f"{name}, {label} ({stamp})"
+        flame = path.with_name(path.name.replace(".folded.txt", ".flame.html"))
+        flame.write_text(flame_html(title, stacks, summary))
+        print(format_summary(title, summary, 15), file=sys.stderr)
+        out[name] = {**summary.as_dict(10), "folded": str(path), "flame": str(flame)}
+    return out
 
 
 def read_folded(path: Path) -> list[tuple[list[str], int]]:
@@ -215,7 +243,7 @@ def flame_html(title: str, stacks: list[tuple[list[str], int]], summary: Summary
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m loadtest.bench_profile FILE.folded.txt ...", file=sys.stderr)
+        print("usage: python -m daemons.bench.profile FILE.folded.txt ...", file=sys.stderr)
         return 2
     for name in args:
         print(format_summary(name, summarize(read_folded(Path(name)))))

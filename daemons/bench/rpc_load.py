@@ -1,6 +1,6 @@
-"""Load generator for the benchmark's single-task RPC figure (run by `loadtest.bench`).
+"""Load generator for the benchmark's single-task RPC figure (run by `daemons.bench`).
 
-    python -m loadtest.bench_rpc --target 127.0.0.1:50051 --concurrency 32 \\
+    python -m daemons.bench.rpc_load --target 127.0.0.1:50051 --concurrency 32 \\
         --warmup 2 --seconds 10 --latencies /tmp/lat.bin
 
 N concurrent callers on one grpc.aio channel each send unary `Submit` calls back to
@@ -11,8 +11,6 @@ so that several generator processes can be merged exactly. Prints one JSON line.
 When `h2load` (nghttp2) is on PATH the benchmark prefers it: a Python generator needs
 about as much CPU per call as the consumer itself and, on two cores, takes it from the
 consumer and PostgreSQL. The helpers below build its command and read its log.
-
-Imports stay inside functions: Locust imports every file of this directory.
 """
 
 from __future__ import annotations
@@ -20,19 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
+from array import array
 from typing import Any
+
+import grpc
+
+from daemons.bench.measure import percentiles_ms
+from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    import random
-    from array import array
-
-    import grpc
-
-    from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
-
     channel = grpc.aio.insecure_channel(args.target)
     await asyncio.wait_for(channel.channel_ready(), 30)
     stub = tasks_pb2_grpc.ConsumerStub(channel)
@@ -66,11 +64,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await channel.close()
     ok = codes.get("OK", 0)
-    ordered = sorted(lat)
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000 if ordered else 0.0
-
+    pct = percentiles_ms(lat)
     wall = time.time() - time.perf_counter()
     return {
         "t0_wall": t0 + wall,
@@ -81,9 +75,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "calls_per_s": len(lat) / args.seconds,
         "ok_per_s": ok / args.seconds,
-        "p50_ms": pct(0.50),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
+        **{f"{p}_ms": ms for p, ms in pct.items()},
         "cpu_s": time.process_time(),
         "latencies": lat,
     }
@@ -97,8 +89,6 @@ H2LOAD_HEADERS = ("content-type: application/grpc", "te: trailers")
 def grpc_frame(task_type: int, value: int) -> bytes:
     """One unary `Submit` request as it goes on the wire: a gRPC length-prefixed message
     (flag 0 = uncompressed, 4-byte big-endian length, the protobuf)."""
-    from daemons.rpc.tasks.v1 import tasks_pb2
-
     body = tasks_pb2.SubmitRequest(
         task=tasks_pb2.Task(id=0, type=task_type, value=value)
     ).SerializeToString()
@@ -155,7 +145,9 @@ def read_h2load_log(path: str) -> tuple[list[float], float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_rpc", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m daemons.bench.rpc_load", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--target", required=True, help="consumer host:port")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent callers")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not counted")

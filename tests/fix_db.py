@@ -1,0 +1,50 @@
+"""Database fixtures, thin wrappers over daemons.bench.cluster (the code the bench and
+the chaos suite run): a real PostgreSQL for the whole session (a throwaway private
+cluster, or TEST_DATABASE_URL), and a fresh database per test cloned from a migrated
+template."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from daemons.bench.cluster import (
+    PrivatePostgres,
+    create_database,
+    drop_database,
+    migrate,
+    with_database,
+)
+
+TEMPLATE = "tasks_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """URL of the maintenance database (`postgres`) of a server for this session."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield with_database(os.environ["TEST_DATABASE_URL"], "postgres")
+        return
+    pg = PrivatePostgres.start_new("tasks-test-pg-")
+    try:
+        yield pg.admin_url
+    finally:
+        pg.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: str) -> str:
+    url = create_database(pg_server, TEMPLATE, migrated=False)
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def db_url(pg_server: str, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield create_database(pg_server, name, template=TEMPLATE)
+    drop_database(pg_server, name)
