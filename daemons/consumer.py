@@ -19,6 +19,7 @@ from daemons.logs import fields
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from daemons.rpc_server import ConsumerServicer, ErrorsAndMetrics
 from daemons.settings import ConsumerSettings
+from daemons.sideport import SidePort
 from daemons.store import Store
 
 log = logging.getLogger("daemons.consumer")
@@ -67,7 +68,9 @@ class ConsumerApp:
         s = self.settings
         started = time.monotonic()
         self.lifecycle.install_signal_handlers()
-        metrics.serve(s.http_host, s.metrics_port)
+        metrics_port = await metrics.serve(
+            s.http_host, s.metrics_port, s.http_read_timeout, s.http_max_connections
+        )
         await self.store.open(s.db_connect_timeout)
         try:
             await self.engine.seed()
@@ -104,7 +107,9 @@ class ConsumerApp:
             self.lifecycle.spawn("db-probe", self.engine.db_probe())
             self.lifecycle.spawn("db-gauges", metrics.refresh_db_gauges(self.store, "consumer"))
             maintenance.spawn(self.lifecycle, self.store, s)
-            debug_server = await debug.serve(s.http_host, s.profiling_port)
+            debug_server = await debug.serve(
+                s.http_host, s.profiling_port, s.http_read_timeout, s.http_max_connections
+            )
             await server.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info(
@@ -122,10 +127,11 @@ class ConsumerApp:
             return await self._shutdown(server, debug_server, started)
         finally:
             await self.lifecycle.cancel_all()
+            await metrics_port.close()
             await self.store.close()
 
     async def _shutdown(
-        self, server: grpc.aio.Server, debug_server: asyncio.Server | None, started: float
+        self, server: grpc.aio.Server, debug_server: SidePort, started: float
     ) -> int:
         s = self.settings
         t0 = time.monotonic()
@@ -140,8 +146,7 @@ class ConsumerApp:
             finished, released = await self.engine.drain(s.drain_timeout)
         else:
             finished, released = 0, 0
-        if debug_server is not None:
-            debug_server.close()
+        await debug_server.close()
         log.info(
             "consumer_stopped",
             extra=fields(

@@ -73,7 +73,9 @@ class ProducerApp:
         s = self.settings
         started = time.monotonic()
         self.lifecycle.install_signal_handlers()
-        metrics.serve(s.http_host, s.metrics_port)
+        metrics_port = await metrics.serve(
+            s.http_host, s.metrics_port, s.http_read_timeout, s.http_max_connections
+        )
         await self.store.open(s.db_connect_timeout)
         channel = rpc_client.channel(
             s.consumer_target, s.tls_ca.read_bytes() if s.tls_ca else None, s.tls_server_name
@@ -81,7 +83,9 @@ class ProducerApp:
         self.stub = tasks_pb2_grpc.ConsumerStub(channel)
         debug_server = None
         try:
-            debug_server = await debug.serve(s.http_host, s.profiling_port)
+            debug_server = await debug.serve(
+                s.http_host, s.profiling_port, s.http_read_timeout, s.http_max_connections
+            )
             log.info(
                 "producer_started",
                 extra=fields(
@@ -97,7 +101,8 @@ class ProducerApp:
         finally:
             await self.lifecycle.cancel_all()
             if debug_server is not None:
-                debug_server.close()
+                await debug_server.close()
+            await metrics_port.close()
             await channel.close()
             await self.store.close()
 

@@ -82,6 +82,20 @@ class _Common(BaseSettings):
         60.0, gt=0, description="seconds to wait for the database at start-up before giving up"
     )
     http_host: str = Field(LOCAL_HOST, description="address the metrics and profiling ports bind")
+    # --- side ports held to account (issue 16) ---
+    http_read_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="seconds a metrics/profiling connection may take to send its request"
+        " (then it is closed)",
+    )
+    http_max_connections: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="metrics/profiling connections served at once per port (more get 503)",
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: LogFormat = Field("console", description="console (key=value) or json")
     drain_timeout: float = Field(
