@@ -22,7 +22,7 @@ from yoyo import get_backend, read_migrations
 
 from daemons import logs, schema_dir
 from daemons.errors import DaemonError
-from daemons.settings import _Common, load, mask
+from daemons.settings import _Common, load, mask, secrets_in
 from daemons.store import count_stored_tasks, wait_for_database
 
 log = logging.getLogger("daemons.migrator")
@@ -118,13 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonError as exc:
         print(f"migrator: {exc}", file=sys.stderr)
         return exc.exit_code
-    logs.configure("migrator", settings.log_level, settings.log_format)
     dsn = settings.dsn()
+    logs.redact(*secrets_in(dsn))
+    logs.configure("migrator", settings.log_level, settings.log_format)
     try:
         asyncio.run(wait_for_database(dsn, args.wait, require_schema=False))
     except DaemonError as exc:
-        print(f"migrator: {exc}", file=sys.stderr)
+        print(f"migrator: {logs.scrub(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    try:
+        return _run(args, dsn)
+    except Exception:  # logged with passwords redacted, not a raw traceback
+        log.exception("migrator_failed")
+        return 1
+
+
+def _run(args: argparse.Namespace, dsn: str) -> int:
     backend = _backend(dsn)
     migrations = read_migrations(str(schema_dir() / "migrations"))
     with backend.lock():

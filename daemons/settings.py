@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -277,25 +277,69 @@ def _accepted(err: Any) -> str:
     return f"accepted: {msg[0].lower()}{msg[1:]}"
 
 
-_PASSWORD_PARAM = re.compile(r"(?i)(\bpassword=)[^&\s]*")
+# --- passwords never printed (issue 16) ---
+# libpq takes a password in the URL's user info (`user:pw@`), as a query parameter
+# (`?password=pw`, its key maybe percent-encoded) and in a keyword string
+# (`password=pw` or `password = 'p w'`). Masking errs on the side of hiding more.
+_KEYWORD_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
+_URL = re.compile(r"^(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<rest>.*)$", re.DOTALL)
+MASK = "***"
+
+
+def _split_url(value: str) -> tuple[str, str, str, str] | None:
+    """(scheme://, user info, host-and-path, ?query) of a URL, or None."""
+    match = _URL.match(value)
+    if not match:
+        return None
+    rest = match["rest"]
+    head, sep, query = rest.partition("?")
+    userinfo, at, hostpath = head.rpartition("@")  # the last @: a stray one is hidden too
+    if not at:
+        userinfo, hostpath = "", head
+    return match["scheme"], userinfo, hostpath, sep + query
+
+
+def _query_password(param: str) -> bool:
+    return unquote(param.partition("=")[0]).strip().lower() == "password"
 
 
 def mask(name: str, value: str) -> str:
-    """Hide passwords: URLs lose their password (in the user info and in a `password=`
-    parameter, which libpq accepts too), secret-looking names lose the value."""
-    if "://" in value:
-        parts = urlsplit(value)
-        if parts.password:
-            netloc = f"{parts.username}:***@{parts.hostname}"
-            if parts.port:
-                netloc += f":{parts.port}"
-            parts = parts._replace(netloc=netloc)
-        if parts.query:
-            parts = parts._replace(query=_PASSWORD_PARAM.sub(r"\1***", parts.query))
-        return urlunsplit(parts)
+    """Hide passwords: URLs lose the password of their user info and of a `password`
+    parameter; keyword strings their `password=` value; secret-looking names the value."""
+    url = _split_url(value)
+    if url is not None:
+        scheme, userinfo, hostpath, query = url
+        if ":" in userinfo:
+            userinfo = userinfo.partition(":")[0] + ":" + MASK
+        params = [
+            p.partition("=")[0] + "=" + MASK if _query_password(p) else p
+            for p in query[1:].split("&")
+        ]
+        query = "?" + "&".join(params) if query else ""
+        return scheme + (userinfo + "@" if userinfo else "") + hostpath + query
     if any(s in name.upper() for s in ("PASSWORD", "SECRET", "TOKEN")):
-        return "***"
-    return _PASSWORD_PARAM.sub(r"\1***", value)  # a keyword DSN: host=... password=...
+        return MASK
+    return _KEYWORD_PASSWORD.sub(r"\1" + MASK, value)  # a keyword DSN: host=... password=...
+
+
+def secrets_in(dsn: str) -> set[str]:
+    """The passwords a URL or keyword string carries, as written and decoded: what must
+    not appear in any line printed about it (logs.redact)."""
+    found: set[str] = set()
+    url = _split_url(dsn)
+    if url is not None:
+        _, userinfo, _, query = url
+        if ":" in userinfo:
+            found.add(userinfo.partition(":")[2])
+        found.update(p.partition("=")[2] for p in query[1:].split("&") if _query_password(p))
+    else:
+        for match in _KEYWORD_PASSWORD.finditer(dsn):
+            raw = match.group(2)
+            found.add(raw)
+            if raw.startswith("'"):
+                found.add(re.sub(r"\\(.)", r"\1", raw.strip("'")))
+    found |= {unquote(s) for s in found}
+    return {s for s in found if s}
 
 
 def explain(settings: _Common) -> str:

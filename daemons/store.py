@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from daemons import schema_dir
-from daemons.errors import DatabaseUnavailable
+from daemons.errors import DatabaseUnavailable, SettingsError
 from daemons.logs import fields
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
             )
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        except psycopg.ProgrammingError as exc:  # libpq cannot parse it: waiting won't help
+            raise SettingsError(f"invalid DATABASE_URL: {exc}") from None
         if time.monotonic() + delay > deadline:
             raise DatabaseUnavailable(f"database not ready after {timeout_s:.0f}s: {reason}")
         # A database still starting (make run starts its own next to the daemons) is
