@@ -39,8 +39,19 @@ def _backend(dsn: str) -> Any:
 
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
-# Rolling these back deletes tasks: only with --drop-tasks while any are stored.
+# Rolling these back deletes every task: only with --drop-tasks (make drop FORCE=1).
 DESTRUCTIVE = {"0001_create_tasks"}
+
+
+def refusal(migration: str, stored: int, where: str) -> str:
+    """Why `make drop` did nothing: what rolling back `migration` would delete, and how
+    to do it anyway. Always refused, even with no task stored: the table goes too."""
+    return (
+        f"migrator: rolling back {migration} would drop the tasks table with its"
+        f" {stored:,} stored tasks, the per-state counts and the lifetime totals, in"
+        f" {where}; nothing was changed. To do it: make drop FORCE=1"
+        " (migrator down --drop-tasks)."
+    )
 
 
 def _stored_tasks(dsn: str) -> int:
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument(
         "--drop-tasks",
         action="store_true",
-        help="allow rolling back 0001, which deletes the tasks table and every task in it",
+        help="allow rolling back 0001, which deletes the tasks table and every task in it"
+        " (make drop FORCE=1)",
     )
     sub.add_parser("status", parents=[common], help="list applied and pending migrations")
     args = parser.parse_args(argv)
@@ -156,15 +168,8 @@ def _run(args: argparse.Namespace, dsn: str) -> int:
         todo = backend.to_rollback(migrations)[:1]
         for m in todo:
             if m.id in DESTRUCTIVE and not args.drop_tasks:
-                stored = _stored_tasks(dsn)
-                if stored:
-                    print(
-                        f"migrator: rolling back {m.id} would delete the tasks table and its"
-                        f" {stored:,} tasks; nothing was changed. Pass --drop-tasks to do it"
-                        " (make drop ARGS=--drop-tasks).",
-                        file=sys.stderr,
-                    )
-                    return 2
+                print(refusal(m.id, _stored_tasks(dsn), mask("URL", dsn)), file=sys.stderr)
+                return 2
             _retry_on_lock(partial(backend.rollback_migrations, todo), m.id, args.lock_wait)
         for m in todo:
             log.info("migration_rolled_back", extra=logs.fields(id=m.id))

@@ -1,0 +1,41 @@
+"""No one-word data loss (issue 16): `make drop` rolls back one migration at a time and
+refuses the one that creates `tasks` unless FORCE=1, saying what it would delete."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from daemons.bench.cluster import clean_env
+from tests.conftest import ROOT, sql, states
+
+
+def make_drop(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "drop", *args],
+        env=clean_env(DATABASE_URL=url, MAKEFLAGS=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_make_drop_refuses_to_delete_the_tasks_without_force(db_url: str, tmp_path: Path) -> None:
+    sql(
+        db_url,
+        "INSERT INTO tasks (type, value, creation_time, last_update_time)"
+        " SELECT 1, 2, 0, 0 FROM generate_series(1, 3)",
+    )
+    for migration in ("0003", "0002"):  # these keep every task
+        out = make_drop(db_url)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert migration in out.stderr
+    for _ in range(2):  # and again: still refused, nothing changed
+        refused = make_drop(db_url)
+        assert refused.returncode != 0
+        assert "0001_create_tasks" in refused.stderr and "3 stored tasks" in refused.stderr
+        assert "make drop FORCE=1" in refused.stderr
+        assert states(db_url)["received"] == 3
+    out = make_drop(db_url, "FORCE=1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sql(db_url, "SELECT to_regclass('tasks')") == [(None,)]
