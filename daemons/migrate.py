@@ -18,18 +18,42 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from pydantic import AliasChoices, Field
 from yoyo import get_backend, read_migrations
 
-from daemons import logs, schema_dir
+from daemons import localdb, logs, schema_dir
 from daemons.errors import DaemonError
 from daemons.settings import _Common, load, mask, secrets_in
-from daemons.store import count_stored_tasks, wait_for_database
+from daemons.store import count_stored_tasks, hand_over, wait_for_database
 
 log = logging.getLogger("daemons.migrator")
 
 
 class MigratorSettings(_Common):
-    pass
+    """The migrator may connect as a more privileged role than the daemons (the owner
+    of the database), and hands every object it makes to the daemons' role."""
+
+    owner_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MIGRATOR_DATABASE_URL"),
+        description="PostgreSQL URL the migrator uses (default: DATABASE_URL; unset"
+        " too = the local database's superuser)",
+    )
+    app_role: str | None = Field(
+        None,
+        pattern=r"^[a-z_][a-z0-9_]*$",
+        validation_alias=AliasChoices("MIGRATOR_APP_ROLE"),
+        description="role the daemons connect as: it is made owner of the tables"
+        " (default: the local database's `tasks`; with DATABASE_URL, none)",
+    )
+
+    def dsn(self) -> str:
+        return self.owner_url or self.database_url or localdb.owner_url()
+
+    def role_to_own(self) -> str | None:
+        if self.app_role:
+            return self.app_role
+        return None if self.owner_url or self.database_url else localdb.APP_ROLE
 
 
 def _backend(dsn: str) -> Any:
@@ -52,6 +76,13 @@ def refusal(migration: str, stored: int, where: str) -> str:
         f" {where}; nothing was changed. To do it: make drop FORCE=1"
         " (migrator down --drop-tasks)."
     )
+
+
+def _hand_over(dsn: str, role: str | None) -> None:
+    if role:
+        moved = asyncio.run(hand_over(dsn, role))
+        if moved:
+            log.info("schema_handed_over", extra=logs.fields(role=role, objects=moved))
 
 
 def _stored_tasks(dsn: str) -> int:
@@ -139,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"migrator: {logs.scrub(str(exc))}", file=sys.stderr)
         return exc.exit_code
     try:
-        return _run(args, dsn)
+        return _run(args, dsn, settings.role_to_own())
     except Exception:  # logged with passwords redacted, not a raw traceback
         log.exception("migrator_failed")
         return 1
 
 
-def _run(args: argparse.Namespace, dsn: str) -> int:
+def _run(args: argparse.Namespace, dsn: str, app_role: str | None) -> int:
     backend = _backend(dsn)
     migrations = read_migrations(str(schema_dir() / "migrations"))
     with backend.lock():
@@ -164,6 +195,7 @@ def _run(args: argparse.Namespace, dsn: str) -> int:
                 log.info("migration_applied", extra=logs.fields(id=m.id, db=mask("URL", dsn)))
             if not todo:
                 log.info("migrations_up_to_date")
+            _hand_over(dsn, app_role)
             return 0
         todo = backend.to_rollback(migrations)[:1]
         for m in todo:
@@ -175,4 +207,5 @@ def _run(args: argparse.Namespace, dsn: str) -> int:
             log.info("migration_rolled_back", extra=logs.fields(id=m.id))
         if not todo:
             log.info("nothing_to_roll_back")
+        _hand_over(dsn, app_role)
         return 0

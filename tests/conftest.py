@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from daemons import localdb
 from daemons.bench.cluster import PrivatePostgres
 from daemons.bench.ports import free_port as free_port  # re-exported for the tests
 
@@ -66,12 +67,10 @@ def pg_template(pg_server: str) -> str:
         conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
         conn.execute(f"CREATE DATABASE {TEMPLATE}")
     url = _with_db(pg_server, TEMPLATE)
-    subprocess.run(
-        [str(BIN / "migrator"), "up"],
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-        capture_output=True,
-    )
+    env = {**os.environ, "DATABASE_URL": url}
+    if not os.environ.get("TEST_DATABASE_URL"):
+        env["MIGRATOR_APP_ROLE"] = localdb.APP_ROLE  # the daemons' role owns the tables
+    subprocess.run([str(BIN / "migrator"), "up"], env=env, check=True, capture_output=True)
     return url
 
 
@@ -84,6 +83,23 @@ def db_url(pg_server: str, pg_template: str) -> Iterator[str]:
     yield _with_db(pg_server, name)
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def app_db_url(db_url: str) -> str:
+    """The same database as the daemons' role sees it (no superuser; owns the tables)."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("the daemons' role exists in the private test cluster only")
+    url = as_role(db_url, localdb.APP_ROLE)
+    assert sql(
+        url, "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user"
+    ) == [(localdb.APP_ROLE, False)]
+    return url
+
+
+def as_role(url: str, role: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{role}@{rest.rpartition('@')[2]}"
 
 
 def sql(url: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:

@@ -72,8 +72,9 @@ class PrivatePostgres:
     def admin_url(self) -> str:
         return self.url("postgres")
 
-    def url(self, db: str) -> str:
-        return localdb.url_for(self.port, db)
+    def url(self, db: str, role: str = localdb.OWNER_ROLE) -> str:
+        """The superuser's URL by default; `role=localdb.APP_ROLE` for the daemons'."""
+        return localdb.url_for(self.port, db, role, localdb.passfile_for(self.root / "pgdata"))
 
     def start(self) -> None:
         self.popen = localdb.start_background(self.root / "pgdata", self.port, self.log_path)
