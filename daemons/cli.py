@@ -58,7 +58,7 @@ def _run_daemon(
     if args.explain:
         print(explain(settings))
         return 0
-    logs.redact(*secrets_in(settings.dsn()))
+    logs.redact(*secrets_in(settings.dsn()), *_tokens(settings))
     logs.configure(prog, settings.log_level, settings.log_format)
     log.info("starting", extra=logs.fields(version=version(), commit=commit()))
     # The daemons allocate many short-lived objects per batch and few long-lived ones:
@@ -79,6 +79,12 @@ def _run_daemon(
     except Exception:  # logged (passwords redacted) rather than a raw traceback
         log.exception("crashed")
         return 1
+
+
+def _tokens(settings: ProducerSettings | ConsumerSettings) -> list[str]:
+    if isinstance(settings, ConsumerSettings):
+        return list(settings.tokens())
+    return [settings.auth_token] if settings.auth_token else []
 
 
 def _run(main: Any, loop: str) -> Any:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from daemons import debug, maintenance, metrics
+from daemons.auth import Authenticate
 from daemons.engine import Engine
 from daemons.errors import DaemonError
 from daemons.lifecycle import Lifecycle
@@ -41,6 +42,7 @@ class ConsumerApp:
             max_in_flight=settings.max_in_flight,
             work_scale=settings.work_scale,
             on_db_state=self._on_db_state,
+            fair=bool(settings.tokens() or settings.tls_client_ca),
         )
         self.health = health.aio.HealthServicer()
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -75,7 +77,10 @@ class ConsumerApp:
         try:
             await self.engine.seed()
             server = grpc.aio.server(
-                interceptors=[ErrorsAndMetrics()],
+                interceptors=[
+                    ErrorsAndMetrics(),  # outermost: refused calls are counted too
+                    Authenticate(s.tokens(), names_from_certificates=bool(s.tls_client_ca)),
+                ],
                 options=[
                     ("grpc.max_receive_message_length", s.max_message_bytes),
                     ("grpc.max_send_message_length", MAX_REPLY_BYTES),
@@ -93,8 +98,12 @@ class ConsumerApp:
             try:
                 if s.tls_cert and s.tls_key:
                     # TLS only: a plaintext client fails its handshake on this port.
+                    # With a client CA: mutual TLS, a client without a certificate
+                    # that CA signed fails its handshake.
                     creds = grpc.ssl_server_credentials(
-                        [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
+                        [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                        root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                        require_client_auth=s.tls_client_ca is not None,
                     )
                     server.add_secure_port(s.listen, creds)
                 else:

@@ -63,6 +63,12 @@ consumer_db_batch_size = Histogram(
     buckets=BATCH_BUCKETS,
 )
 
+# Calls refused before the servicer (tokens configured): nothing was written.
+consumer_auth_refused = Counter(
+    "consumer_auth_refused", "RPCs refused UNAUTHENTICATED, by reason", ["reason"]
+)
+auth_refused = {r: consumer_auth_refused.labels(r) for r in ("missing", "malformed", "invalid")}
+
 REJECT_REASONS = ("rate_limit", "busy", "invalid", "duplicate", "draining")
 # Pre-created so dashboards see a series (at 0) before the first failure.
 for _code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN"):

@@ -6,6 +6,7 @@ accepted (`SettingsError`); the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemons.errors import SettingsError
+from daemons.tokens import tokens_from
 
 ENV_FILE = ".env"
 LOCAL_HOST = "127.0.0.1"
@@ -204,6 +206,26 @@ class ProducerSettings(_Common):
     tls_server_name: str | None = Field(
         None, description="expected name in the consumer's certificate (default: the target host)"
     )
+    # --- authenticated submitter (issue 16) ---
+    auth_token: str | None = Field(
+        None, description="bearer token sent with every RPC (the consumer's CONSUMER_AUTH_TOKENS)"
+    )
+    tls_cert: FilePath | None = Field(
+        None,
+        description="PEM client certificate for a consumer that wants one"
+        " (CONSUMER_TLS_CLIENT_CA; needs PRODUCER_TLS_KEY and PRODUCER_TLS_CA)",
+    )
+    tls_key: FilePath | None = Field(None, description="PEM private key of PRODUCER_TLS_CERT")
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> ProducerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("PRODUCER_TLS_CERT and PRODUCER_TLS_KEY go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError(
+                "PRODUCER_TLS_CERT needs PRODUCER_TLS_CA (a client certificate is TLS)"
+            )
+        return self
 
 
 class ConsumerSettings(_Common):
@@ -237,12 +259,54 @@ class ConsumerSettings(_Common):
     reflection: bool = Field(
         True, description="serve gRPC server reflection (grpcurl list/describe need it)"
     )
+    # --- authenticated submitters (issue 16) ---
+    auth_tokens: str | None = Field(
+        None,
+        description="bearer tokens, comma-separated, each `name:token` or `token`: every RPC"
+        " but health must carry one (unset = no tokens)",
+    )
+    auth_token_file: FilePath | None = Field(
+        None, description="file of tokens, one `name:token` or `token` a line (# comments)"
+    )
+    tls_client_ca: FilePath | None = Field(
+        None,
+        description="PEM CA of client certificates: mutual TLS, a client without one is"
+        " refused (needs CONSUMER_TLS_CERT)",
+    )
+    insecure_listen: bool = Field(
+        False,
+        description="allow a CONSUMER_LISTEN other hosts can reach with neither TLS nor"
+        " tokens (anyone could submit)",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ConsumerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("CONSUMER_TLS_CERT and CONSUMER_TLS_KEY go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("CONSUMER_TLS_CLIENT_CA needs CONSUMER_TLS_CERT and CONSUMER_TLS_KEY")
+        object.__setattr__(self, "_tokens", tokens_from(self.auth_tokens, self.auth_token_file))
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if not (_loopback(host) or self.tls_cert or self.tokens() or self.insecure_listen):
+            raise ValueError(
+                f"CONSUMER_LISTEN={self.listen} can be reached from other hosts, with neither"
+                " TLS nor tokens: set CONSUMER_TLS_CERT/KEY (and CONSUMER_TLS_CLIENT_CA) or"
+                " CONSUMER_AUTH_TOKENS, listen on 127.0.0.1, or CONSUMER_INSECURE_LISTEN=true"
+            )
         return self
+
+    def tokens(self) -> dict[str, str]:
+        """{token: caller name} of every configured token (parsed once, when loaded)."""
+        return dict(getattr(self, "_tokens", {}))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or a wildcard: reachable unless proven otherwise
 
 
 def env_name(cls: type[_Common], field: str) -> str:
@@ -260,7 +324,8 @@ def load(cls: type[S]) -> S:
     except ValidationError as exc:
         err = exc.errors()[0]
         if not err["loc"]:  # a rule across several settings
-            raise SettingsError(f"invalid settings: {_accepted(err)}") from None
+            rule = _accepted(err).removeprefix("accepted: ")
+            raise SettingsError(f"invalid settings: {rule[0].upper()}{rule[1:]}") from None
         field = str(err["loc"][0])
         name = env_name(cls, field) if field in cls.model_fields else field.upper()
         shown = mask(name, str(err.get("input", "")))
@@ -317,7 +382,8 @@ def mask(name: str, value: str) -> str:
         ]
         query = "?" + "&".join(params) if query else ""
         return scheme + (userinfo + "@" if userinfo else "") + hostpath + query
-    if any(s in name.upper() for s in ("PASSWORD", "SECRET", "TOKEN")):
+    secret_name = any(s in name.upper() for s in ("PASSWORD", "SECRET", "TOKEN"))
+    if secret_name and not name.upper().endswith("_FILE") and value != "None":
         return MASK
     return _KEYWORD_PASSWORD.sub(r"\1" + MASK, value)  # a keyword DSN: host=... password=...
 
