@@ -75,8 +75,11 @@ consumer: $(STAMP) ## run the consumer in the foreground (the database must be u
 migrate: $(STAMP) ## apply the next migration (one step up)
 	$(BIN)/migrator up --one
 
-drop: $(STAMP) ## roll back the latest migration (one step down; 0001 with stored tasks needs ARGS=--drop-tasks)
-	$(BIN)/migrator down $(ARGS)
+# Rolling back 0001 drops the tasks table: the migrator refuses, says how many tasks it
+# would delete, and goes ahead only with FORCE=1 (its --drop-tasks).
+FORCE ?=
+drop: $(STAMP) ## roll back the latest migration (one step down; 0001, which drops every task, needs FORCE=1)
+	$(BIN)/migrator down $(if $(filter 1 yes true,$(FORCE)),--drop-tasks) $(ARGS)
 
 explain: $(STAMP) ## print every setting of both daemons with value, source and meaning
 	@$(BIN)/producer --explain

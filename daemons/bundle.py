@@ -21,7 +21,7 @@ from typing import Any
 
 from daemons import logs
 from daemons.errors import DaemonError
-from daemons.settings import CommonSettings, load, mask
+from daemons.settings import CommonSettings, load, mask, secrets_in
 from daemons.store import Store
 
 ROOT = Path.cwd()
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load(CommonSettings)
+        logs.redact(*secrets_in(settings.dsn()))
         logs.configure("bundle", "WARNING", "console")
         if args.cmd == "write-conf":
             etc = Path(sys.prefix) / "etc"
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             n = asyncio.run(_wait_flowing(settings.dsn(), args.tasks, args.timeout))
             print(f"tasks flowing: {n} reached done on {mask('URL', settings.dsn())}")
     except DaemonError as exc:
-        print(f"bundle: {exc}", file=sys.stderr)
+        print(f"bundle: {logs.scrub(str(exc))}", file=sys.stderr)
         return exc.exit_code
     return 0
 

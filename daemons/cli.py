@@ -16,7 +16,7 @@ from typing import Any
 
 from daemons import commit, logs, version
 from daemons.errors import DaemonError
-from daemons.settings import ConsumerSettings, ProducerSettings, explain, load
+from daemons.settings import ConsumerSettings, ProducerSettings, explain, load, secrets_in
 
 log = logging.getLogger("daemons")
 
@@ -58,6 +58,7 @@ def _run_daemon(
     if args.explain:
         print(explain(settings))
         return 0
+    logs.redact(*secrets_in(settings.dsn()), *_tokens(settings))
     logs.configure(prog, settings.log_level, settings.log_format)
     log.info("starting", extra=logs.fields(version=version(), commit=commit()))
     # The daemons allocate many short-lived objects per batch and few long-lived ones:
@@ -75,6 +76,15 @@ def _run_daemon(
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception:  # logged (passwords redacted) rather than a raw traceback
+        log.exception("crashed")
+        return 1
+
+
+def _tokens(settings: ProducerSettings | ConsumerSettings) -> list[str]:
+    if isinstance(settings, ConsumerSettings):
+        return list(settings.tokens())
+    return [settings.auth_token] if settings.auth_token else []
 
 
 def _run(main: Any, loop: str) -> Any:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from daemons import debug, maintenance, metrics
+from daemons.auth import Authenticate
 from daemons.engine import Engine, NewTask, TaskStatus
 from daemons.errors import DaemonError, Draining
 from daemons.lifecycle import Lifecycle
@@ -19,6 +20,7 @@ from daemons.logs import fields
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from daemons.rpc_server import ConsumerServicer, ErrorsAndMetrics
 from daemons.settings import ConsumerSettings
+from daemons.sideport import SidePort
 from daemons.store import TRANSIENT_ERRORS, Store, TaskRow
 from daemons.sweep import Sweep
 
@@ -41,6 +43,7 @@ class ConsumerApp:
             max_in_flight=settings.max_in_flight,
             work_scale=settings.work_scale,
             on_db_state=self._on_db_state,
+            fair=bool(settings.tokens() or settings.tls_client_ca),
         )
         # Its own sweep, so no task is stranded once every producer has exited: what it
         # claims it works itself, through the limiter like any delivery.
@@ -71,12 +74,17 @@ class ConsumerApp:
         s = self.settings
         started = time.monotonic()
         self.lifecycle.install_signal_handlers()
-        metrics.serve(s.http_host, s.metrics_port)
+        metrics_port = await metrics.serve(
+            s.http_host, s.metrics_port, s.http_read_timeout, s.http_max_connections
+        )
         await self.store.open(s.db_connect_timeout)
         try:
             await self.engine.seed()
             server = grpc.aio.server(
-                interceptors=[ErrorsAndMetrics()],
+                interceptors=[
+                    ErrorsAndMetrics(),  # outermost: refused calls are counted too
+                    Authenticate(s.tokens(), names_from_certificates=bool(s.tls_client_ca)),
+                ],
                 options=[
                     ("grpc.max_receive_message_length", s.max_message_bytes),
                     ("grpc.max_send_message_length", MAX_REPLY_BYTES),
@@ -94,8 +102,12 @@ class ConsumerApp:
             try:
                 if s.tls_cert and s.tls_key:
                     # TLS only: a plaintext client fails its handshake on this port.
+                    # With a client CA: mutual TLS, a client without a certificate
+                    # that CA signed fails its handshake.
                     creds = grpc.ssl_server_credentials(
-                        [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
+                        [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                        root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                        require_client_auth=s.tls_client_ca is not None,
                     )
                     server.add_secure_port(s.listen, creds)
                 else:
@@ -110,7 +122,9 @@ class ConsumerApp:
             maintenance.spawn(self.lifecycle, self.store, s)
             if s.sweep_interval:
                 self.lifecycle.spawn("sweeper", self.sweep.run_forever(self._work_swept))
-            debug_server = await debug.serve(s.http_host, s.profiling_port)
+            debug_server = await debug.serve(
+                s.http_host, s.profiling_port, s.http_read_timeout, s.http_max_connections
+            )
             await server.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info(
@@ -128,6 +142,7 @@ class ConsumerApp:
             return await self._shutdown(server, debug_server, started)
         finally:
             await self.lifecycle.cancel_all()
+            await metrics_port.close()
             await self.store.close()
 
     def _work_swept(self, rows: list[TaskRow]) -> None:
@@ -137,7 +152,7 @@ class ConsumerApp:
     async def _admit_swept(self, rows: list[TaskRow]) -> None:
         tasks = [NewTask(r.id, r.type, r.value, r.creation_time) for r in rows]
         try:
-            _, statuses = await self.engine.admit(tasks)
+            _, statuses = await self.engine.admit(tasks, caller="sweep")
         except Draining:
             return
         except TRANSIENT_ERRORS:
@@ -148,7 +163,7 @@ class ConsumerApp:
         )
 
     async def _shutdown(
-        self, server: grpc.aio.Server, debug_server: asyncio.Server | None, started: float
+        self, server: grpc.aio.Server, debug_server: SidePort, started: float
     ) -> int:
         s = self.settings
         t0 = time.monotonic()
@@ -163,8 +178,7 @@ class ConsumerApp:
             finished, released = await self.engine.drain(s.drain_timeout)
         else:
             finished, released = 0, 0
-        if debug_server is not None:
-            debug_server.close()
+        await debug_server.close()
         log.info(
             "consumer_stopped",
             extra=fields(

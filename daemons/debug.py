@@ -10,6 +10,8 @@ import sys
 import threading
 import traceback
 
+from daemons.sideport import TEXT, SidePort
+
 
 def dump_tasks() -> str:
     out = io.StringIO()
@@ -31,29 +33,12 @@ def dump_tasks() -> str:
     return out.getvalue()
 
 
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        request = await asyncio.wait_for(reader.readline(), 5)
-        parts = request.decode("latin-1").split()
-        path = parts[1] if len(parts) >= 2 else ""
-        if path.split("?")[0] in ("/debug/tasks", "/debug/pprof/goroutine"):
-            status, body = "200 OK", dump_tasks()
-        else:
-            status, body = "404 Not Found", "try /debug/tasks\n"
-        data = body.encode()
-        writer.write(
-            f"HTTP/1.0 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data
-        )
-        await writer.drain()
-    except (TimeoutError, ConnectionError):
-        pass
-    finally:
-        writer.close()
+async def _tasks_page() -> tuple[str, bytes]:
+    return TEXT, dump_tasks().encode()
 
 
-async def serve(host: str, port: int) -> asyncio.Server | None:
-    if not port:
-        return None
-    return await asyncio.start_server(_handle, host, port)
+async def serve(host: str, port: int, read_timeout_s: float, max_connections: int) -> SidePort:
+    """The profiling port (0 = off): /debug/tasks (and Go's name for it)."""
+    routes = {"/debug/tasks": _tasks_page, "/debug/pprof/goroutine": _tasks_page}
+    side = SidePort(routes, read_timeout_s, max_connections, "try /debug/tasks\n")
+    return await side.start(host, port)

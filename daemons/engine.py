@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 from daemons import logs, metrics
 from daemons.errors import Draining
-from daemons.limiter import SlidingWindowLimiter
+from daemons.limiter import FairLimiter, SlidingWindowLimiter
 from daemons.logs import fields
 from daemons.outage import Outage
 from daemons.store import TRANSIENT_ERRORS, TaskRow, TaskStore
@@ -168,7 +168,9 @@ class Engine:
     # Told when database writes start or stop failing (the consumer flips its health).
     on_db_state: Callable[[bool], None] | None = None
     db: Outage = field(init=False)
-    limiter: SlidingWindowLimiter = field(init=False)
+    # Share the limit fairly among authenticated callers (tokens or client certificates).
+    fair: bool = False
+    limiter: SlidingWindowLimiter | FairLimiter = field(init=False)
     draining: bool = False
     # Admitted and not yet written `done`: id -> (row as claimed, with its attempt; work
     # timer, or None once finished). A newer claim of the same id replaces the entry.
@@ -183,7 +185,8 @@ class Engine:
     _done_pace: Pacer = field(default_factory=lambda: Pacer(DONE_FLUSH_INTERVAL_S, DONE_FLUSH_ROWS))
 
     def __post_init__(self) -> None:
-        self.limiter = SlidingWindowLimiter(self.rate_limit, self.rate_period_s)
+        limiter = FairLimiter if self.fair else SlidingWindowLimiter
+        self.limiter = limiter(self.rate_limit, self.rate_period_s)
         self._idle.set()
         self.db = Outage("db_write", log, on_change=self._db_changed)
         self.marker: Coalescer[int, TaskRow] = Coalescer(
@@ -211,9 +214,12 @@ class Engine:
 
     # --- admission ---------------------------------------------------------------
 
-    async def admit(self, tasks: Sequence[NewTask]) -> tuple[list[int], list[TaskStatus]]:
-        """Admit what the limiter and the in-flight cap allow. Returns (ids, statuses) in
-        request order. Raises Draining while stopping."""
+    async def admit(
+        self, tasks: Sequence[NewTask], caller: str = ""
+    ) -> tuple[list[int], list[TaskStatus]]:
+        """Admit what the limiter (its share for `caller`, when fair) and the in-flight
+        cap allow. Returns (ids, statuses) in request order. Raises Draining while
+        stopping."""
         if self.draining:
             metrics.rejected["draining"].inc(len(tasks))
             raise Draining("consumer is draining; send to another consumer or retry later")
@@ -221,7 +227,7 @@ class Engine:
         metrics.tasks_received.inc(n)
         free = self.max_in_flight - len(self.processing) - self.reserved
         room = max(0, min(n, free))
-        granted = self.limiter.acquire(room)
+        granted = self.limiter.acquire(room, caller)
         rate_limited, busy = TaskStatus.RATE_LIMITED, TaskStatus.BUSY  # once, not per task
         statuses = [rate_limited if i < room else busy for i in range(n)]
         ids = [t.id for t in tasks]

@@ -34,8 +34,9 @@ class SlidingWindowLimiter:
         self._expire(self._clock())
         return self.limit - self._used
 
-    def acquire(self, wanted: int) -> int:
-        """Admit up to `wanted` tasks now; returns how many were admitted (maybe 0)."""
+    def acquire(self, wanted: int, caller: str = "") -> int:
+        """Admit up to `wanted` tasks now; returns how many were admitted (maybe 0).
+        Every caller counts the same here (FairLimiter tells them apart)."""
         if wanted <= 0:
             return 0
         now = self._clock()
@@ -48,4 +49,41 @@ class SlidingWindowLimiter:
                 log[-1] = (now, log[-1][1] + granted)
             else:
                 log.append((now, granted))
+        return granted
+
+
+class FairLimiter:
+    """The same limit for all callers together, shared fairly among the callers active
+    in the last period: with N of them, none is admitted more than limit/N in a window
+    (one caller alone still gets all of it), so a client hammering the consumer cannot
+    take another's admissions. Callers are named by the authentication (a token's
+    name, a client certificate's common name); unnamed calls share one name."""
+
+    def __init__(
+        self, limit: int, period_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.total = SlidingWindowLimiter(limit, period_s, clock)
+        self.limit = limit
+        self.period_s = period_s
+        self._clock = clock
+        self._callers: dict[str, tuple[SlidingWindowLimiter, float]] = {}  # name -> (log, seen)
+
+    def available(self) -> int:
+        return self.total.available()
+
+    def acquire(self, wanted: int, caller: str = "") -> int:
+        now = self._clock()
+        horizon = now - self.period_s
+        own, _ = self._callers.get(caller) or (
+            SlidingWindowLimiter(self.limit, self.period_s, self._clock),
+            now,
+        )
+        self._callers[caller] = (own, now)
+        for name, (_, seen) in list(self._callers.items()):
+            if seen <= horizon and name != caller:
+                del self._callers[name]  # idle for a whole window: no longer sharing
+        share = -(-self.limit // len(self._callers))  # ceil
+        used = self.limit - own.available()
+        granted = self.total.acquire(max(0, min(wanted, share - used)))
+        own.acquire(granted)
         return granted

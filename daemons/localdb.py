@@ -8,6 +8,16 @@ supervisor owns the real process and its signals (TERM = smart shutdown).
 PostgreSQL refuses to run as root: as root, the cluster belongs to an unprivileged
 system user (`embedded_postgres`, created on first use) and the server drops to it.
 
+Not open to the machine: every connection needs a password (scram-sha-256; the Unix
+socket lives inside the data directory, which only the server's user can enter). Two
+roles, passwords generated at the first start and kept in `<data dir>.pgpass` (a libpq
+password file, mode 0600, owned by whoever started the bundle): `postgres`, the
+superuser, for the migrator, and `tasks`, the daemons' role, which owns the database
+and its tables (the migrator hands them over) and is no superuser (no `COPY ... TO
+PROGRAM`, no `CREATE ROLE`). URLs name the file (`?passfile=`), never a password. A
+cluster made by an earlier version (trust authentication) is converted at its next
+start, with a message.
+
     localdb run      initialise if needed, then exec postgres (for supervisor)
     localdb url      print the URL of the local database
     localdb ready    wait until it accepts connections (exit 1 after --timeout)
@@ -17,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,7 +47,8 @@ from daemons.settings import ENV_FILE
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 DB_NAME = "tasks"
-DB_USER = "postgres"
+OWNER_ROLE = "postgres"  # the superuser initdb makes: the migrator's
+APP_ROLE = "tasks"  # the daemons': owns the schema objects, no superuser
 DEFAULT_PORT = 54329
 DEFAULT_DATA = "var/pgdata"
 SYSTEM_USER = "embedded_postgres"
@@ -60,12 +74,27 @@ def data_dir() -> Path:
     return LocalDbSettings().data.resolve()
 
 
-def url_for(port: int, dbname: str = DB_NAME) -> str:
-    return f"postgresql://{DB_USER}@127.0.0.1:{port}/{dbname}"
+def passfile_for(pgdata: Path) -> Path:
+    """Where the passwords of the cluster in `pgdata` are kept (next to it, not in it:
+    the data directory belongs to the server's user, the file to the bundle's owner)."""
+    return pgdata.with_name(pgdata.name + ".pgpass")
+
+
+def url_for(
+    port: int, dbname: str = DB_NAME, role: str = APP_ROLE, passfile: Path | None = None
+) -> str:
+    file = passfile or passfile_for(data_dir())
+    return f"postgresql://{role}@127.0.0.1:{port}/{dbname}?passfile={quote(str(file))}"
 
 
 def default_url() -> str:
+    """The daemons' URL: the application role."""
     return url_for(port())
+
+
+def owner_url() -> str:
+    """The migrator's URL: the superuser."""
+    return url_for(port(), role=OWNER_ROLE)
 
 
 def bin_dir() -> Path:
@@ -108,23 +137,106 @@ def _demote(user: str | None) -> dict[str, Any]:
 
 
 def init_cluster(pgdata: Path, *, quiet: bool = True) -> None:
-    """initdb (trust auth, local only) and create the `tasks` database, if not done yet."""
+    """initdb (password authentication only) with both roles and the `tasks` database,
+    if not done yet; a cluster of an earlier version (trust) is converted instead."""
     if (pgdata / "PG_VERSION").exists():
+        if not passfile_for(pgdata).exists():
+            _convert_trust_cluster(pgdata)
         return
     pgdata.mkdir(parents=True, exist_ok=True)
     pgdata.chmod(0o700)
     user = _run_as()
     if user:
         _prepare_for(user, pgdata)
-    initdb = [str(bin_dir() / "initdb"), "-D", str(pgdata), "--auth=trust", "-U", DB_USER]
-    _quiet_run([*initdb, "--encoding=UTF8", "--no-instructions"], user, quiet)
-    # Single-user mode creates the database before any server listens.
-    _quiet_run(
-        [str(bin_dir() / "postgres"), "--single", "-D", str(pgdata), "postgres"],
+    passwords = {OWNER_ROLE: _new_password(), APP_ROLE: _new_password()}
+    with tempfile.TemporaryDirectory(prefix="localdb-") as tmp:
+        pwfile = Path(tmp) / "pw"  # initdb reads the superuser's password from a file
+        pwfile.write_text(passwords[OWNER_ROLE] + "\n")
+        if user:
+            import pwd
+
+            entry = pwd.getpwnam(user)
+            for path in (Path(tmp), pwfile):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        initdb = [str(bin_dir() / "initdb"), "-D", str(pgdata), "-U", OWNER_ROLE]
+        auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        _quiet_run([*initdb, *auth, "--encoding=UTF8", "--no-instructions"], user, quiet)
+    # Single-user mode makes the database and the daemons' role before any server
+    # listens. One statement per line; the password never appears on a command line.
+    _single_user(
+        pgdata,
         user,
-        True,
-        stdin=f"CREATE DATABASE {DB_NAME};\n".encode(),
+        [
+            f"CREATE DATABASE {DB_NAME}",
+            f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{passwords[APP_ROLE]}'",
+            f"ALTER DATABASE {DB_NAME} OWNER TO {APP_ROLE}",
+        ],
     )
+    _write_passfile(pgdata, passwords)
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(24)  # URL- and SQL-literal-safe characters only
+
+
+def _single_user(pgdata: Path, user: str | None, statements: list[str]) -> None:
+    script = "".join(f"{s};\n" for s in statements).encode()
+    argv = [str(bin_dir() / "postgres"), "--single", "-D", str(pgdata), "postgres"]
+    _quiet_run(argv, user, True, stdin=script)
+
+
+def _write_passfile(pgdata: Path, passwords: dict[str, str]) -> None:
+    """A libpq password file, readable by its owner only (libpq ignores a looser one)."""
+    path = passfile_for(pgdata)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# host:port:database:role:password (written by localdb; owner only)\n")
+        f.writelines(f"*:*:*:{role}:{pw}\n" for role, pw in passwords.items())
+    tmp.replace(path)
+
+
+def _convert_trust_cluster(pgdata: Path) -> None:
+    """A cluster made before passwords: every local account could log in as the
+    superuser. Give both roles passwords, make `tasks` own its database, and ask for a
+    password from now on (the migrator hands the tables over at its next run)."""
+    user = _run_as()
+    if user:
+        _prepare_for(user, pgdata)
+    passwords = {OWNER_ROLE: _new_password(), APP_ROLE: _new_password()}
+    app = passwords[APP_ROLE]
+    _single_user(
+        pgdata,
+        user,
+        [
+            f"ALTER ROLE {OWNER_ROLE} PASSWORD '{passwords[OWNER_ROLE]}'",
+            # One line: single-user mode ends a statement at the newline.
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
+            f"'{APP_ROLE}') THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$",
+            f"ALTER ROLE {APP_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB PASSWORD '{app}'",
+            f"ALTER DATABASE {DB_NAME} OWNER TO {APP_ROLE}",
+        ],
+    )
+    hba = pgdata / "pg_hba.conf"
+    lines = [_no_trust(line) for line in hba.read_text().splitlines()]
+    hba.write_text("\n".join(lines) + "\n")
+    _write_passfile(pgdata, passwords)
+    print(
+        f"localdb: the cluster in {pgdata} let every local account in as the superuser"
+        " without a password (trust, made by an earlier version); it now asks for one"
+        f" (scram-sha-256). Passwords: {passfile_for(pgdata)} (owner only); the daemons"
+        f" connect as {APP_ROLE}, which is no superuser; make db_url and make psql work"
+        " as before.",
+        file=sys.stderr,
+    )
+
+
+def _no_trust(line: str) -> str:
+    fields = line.split()
+    if fields and not line.lstrip().startswith("#") and fields[-1] == "trust":
+        return line[: line.rstrip().rindex("trust")] + "scram-sha-256"
+    return line
 
 
 def _quiet_run(argv: list[str], user: str | None, quiet: bool, stdin: bytes = b"") -> None:

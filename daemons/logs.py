@@ -16,6 +16,20 @@ from collections.abc import Iterable
 from typing import Any
 
 _FIELDS = "fields"
+_secrets: list[str] = []  # longest first, so that no part of a longer one survives
+
+
+def redact(*secrets: str) -> None:
+    """Never print these (passwords of the database URL, tokens): every formatted line
+    has them replaced by ***, whatever carried them (a driver's error, a traceback)."""
+    _secrets.extend(s for s in secrets if s and s not in _secrets)
+    _secrets.sort(key=len, reverse=True)
+
+
+def scrub(text: str) -> str:
+    for secret in _secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def fields(**kv: Any) -> dict[str, Any]:
@@ -39,7 +53,7 @@ class ConsoleFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={v}" for k, v in kv.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return scrub(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,7 +72,7 @@ class JsonFormatter(logging.Formatter):
         doc.update(getattr(record, _FIELDS, None) or {})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return scrub(json.dumps(doc, default=str))
 
 
 _handler: logging.StreamHandler | None = None  # type: ignore[type-arg]

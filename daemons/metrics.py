@@ -8,10 +8,11 @@ import logging
 from bisect import bisect_left
 from typing import Protocol
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Info, generate_latest
 
 from daemons import commit, version
 from daemons.logs import fields
+from daemons.sideport import SidePort
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ consumer_db_batch_size = Histogram(
     ["transition"],
     buckets=BATCH_BUCKETS,
 )
+
+# Calls refused before the servicer (tokens configured): nothing was written.
+consumer_auth_refused = Counter(
+    "consumer_auth_refused", "RPCs refused UNAUTHENTICATED, by reason", ["reason"]
+)
+auth_refused = {r: consumer_auth_refused.labels(r) for r in ("missing", "malformed", "invalid")}
 
 REJECT_REASONS = ("rate_limit", "busy", "invalid", "duplicate", "draining")
 # Pre-created so dashboards see a series (at 0) before the first failure.
@@ -204,8 +211,14 @@ def observe_many(histogram: Histogram, values: list[float]) -> None:
     total.inc(sum(values))
 
 
-def serve(host: str, port: int) -> None:
-    """Start /metrics on a daemon thread (port 0 = off)."""
+async def page() -> tuple[str, bytes]:
+    """The /metrics page, rendered on a worker thread: a scrape never stalls the loop."""
+    return CONTENT_TYPE_LATEST, await asyncio.to_thread(generate_latest)
+
+
+async def serve(host: str, port: int, read_timeout_s: float, max_connections: int) -> SidePort:
+    """/metrics on the event loop (port 0 = off); see daemons.sideport for why not
+    prometheus_client's threaded server. Stop it with `close()`."""
     build_info.info({"version": version(), "commit": commit()})
-    if port:
-        start_http_server(port, addr=host)
+    side = SidePort({"/metrics": page}, read_timeout_s, max_connections, "try /metrics\n")
+    return await side.start(host, port)

@@ -18,14 +18,42 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from pydantic import AliasChoices, Field
 from yoyo import get_backend, read_migrations
 
-from daemons import logs, schema_dir
+from daemons import localdb, logs, schema_dir
 from daemons.errors import DaemonError
-from daemons.settings import CommonSettings, load, mask
-from daemons.store import count_stored_tasks, wait_for_database
+from daemons.settings import CommonSettings, load, mask, secrets_in
+from daemons.store import count_stored_tasks, hand_over, wait_for_database
 
 log = logging.getLogger("daemons.migrator")
+
+
+class MigratorSettings(CommonSettings):
+    """The migrator may connect as a more privileged role than the daemons (the owner
+    of the database), and hands every object it makes to the daemons' role."""
+
+    owner_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MIGRATOR_DATABASE_URL"),
+        description="PostgreSQL URL the migrator uses (default: DATABASE_URL; unset"
+        " too = the local database's superuser)",
+    )
+    app_role: str | None = Field(
+        None,
+        pattern=r"^[a-z_][a-z0-9_]*$",
+        validation_alias=AliasChoices("MIGRATOR_APP_ROLE"),
+        description="role the daemons connect as: it is made owner of the tables"
+        " (default: the local database's `tasks`; with DATABASE_URL, none)",
+    )
+
+    def dsn(self) -> str:
+        return self.owner_url or self.database_url or localdb.owner_url()
+
+    def role_to_own(self) -> str | None:
+        if self.app_role:
+            return self.app_role
+        return None if self.owner_url or self.database_url else localdb.APP_ROLE
 
 
 def _backend(dsn: str) -> Any:
@@ -35,8 +63,26 @@ def _backend(dsn: str) -> Any:
 
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
-# Rolling these back deletes tasks: only with --drop-tasks while any are stored.
+# Rolling these back deletes every task: only with --drop-tasks (make drop FORCE=1).
 DESTRUCTIVE = {"0001_create_tasks"}
+
+
+def refusal(migration: str, stored: int, where: str) -> str:
+    """Why `make drop` did nothing: what rolling back `migration` would delete, and how
+    to do it anyway. Always refused, even with no task stored: the table goes too."""
+    return (
+        f"migrator: rolling back {migration} would drop the tasks table with its"
+        f" {stored:,} stored tasks, the per-state counts and the lifetime totals, in"
+        f" {where}; nothing was changed. To do it: make drop FORCE=1"
+        " (migrator down --drop-tasks)."
+    )
+
+
+def _hand_over(dsn: str, role: str | None) -> None:
+    if role:
+        moved = asyncio.run(hand_over(dsn, role))
+        if moved:
+            log.info("schema_handed_over", extra=logs.fields(role=role, objects=moved))
 
 
 def _stored_tasks(dsn: str) -> int:
@@ -105,22 +151,32 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument(
         "--drop-tasks",
         action="store_true",
-        help="allow rolling back 0001, which deletes the tasks table and every task in it",
+        help="allow rolling back 0001, which deletes the tasks table and every task in it"
+        " (make drop FORCE=1)",
     )
     sub.add_parser("status", parents=[common], help="list applied and pending migrations")
     args = parser.parse_args(argv)
     try:
-        settings = load(CommonSettings)
+        settings = load(MigratorSettings)
     except DaemonError as exc:
         print(f"migrator: {exc}", file=sys.stderr)
         return exc.exit_code
-    logs.configure("migrator", settings.log_level, settings.log_format)
     dsn = settings.dsn()
+    logs.redact(*secrets_in(dsn))
+    logs.configure("migrator", settings.log_level, settings.log_format)
     try:
         asyncio.run(wait_for_database(dsn, args.wait, require_schema=False))
     except DaemonError as exc:
-        print(f"migrator: {exc}", file=sys.stderr)
+        print(f"migrator: {logs.scrub(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    try:
+        return _run(args, dsn, settings.role_to_own())
+    except Exception:  # logged with passwords redacted, not a raw traceback
+        log.exception("migrator_failed")
+        return 1
+
+
+def _run(args: argparse.Namespace, dsn: str, app_role: str | None) -> int:
     backend = _backend(dsn)
     migrations = read_migrations(str(schema_dir() / "migrations"))
     with backend.lock():
@@ -139,22 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("migration_applied", extra=logs.fields(id=m.id, db=mask("URL", dsn)))
             if not todo:
                 log.info("migrations_up_to_date")
+            _hand_over(dsn, app_role)
             return 0
         todo = backend.to_rollback(migrations)[:1]
         for m in todo:
             if m.id in DESTRUCTIVE and not args.drop_tasks:
-                stored = _stored_tasks(dsn)
-                if stored:
-                    print(
-                        f"migrator: rolling back {m.id} would delete the tasks table and its"
-                        f" {stored:,} tasks; nothing was changed. Pass --drop-tasks to do it"
-                        " (make drop ARGS=--drop-tasks).",
-                        file=sys.stderr,
-                    )
-                    return 2
+                print(refusal(m.id, _stored_tasks(dsn), mask("URL", dsn)), file=sys.stderr)
+                return 2
             _retry_on_lock(partial(backend.rollback_migrations, todo), m.id, args.lock_wait)
         for m in todo:
             log.info("migration_rolled_back", extra=logs.fields(id=m.id))
         if not todo:
             log.info("nothing_to_roll_back")
+        _hand_over(dsn, app_role)
         return 0

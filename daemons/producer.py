@@ -31,6 +31,8 @@ log = logging.getLogger("daemons.producer")
 class ProducerApp:
     def __init__(self, settings: ProducerSettings) -> None:
         s = self.settings = settings
+        token = s.auth_token
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.lifecycle = Lifecycle()
         self.store = Store(s.dsn(), pool_size=s.db_pool_size, name="producer")
         self.outbox = Outbox(
@@ -54,7 +56,9 @@ class ProducerApp:
             ]
         )
         try:
-            reply = await self.stub.SubmitBatch(request, timeout=self.settings.send_timeout)
+            reply = await self.stub.SubmitBatch(
+                request, timeout=self.settings.send_timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             metrics.producer_send_errors.labels(exc.code().name).inc()
             raise SendFailed(f"{exc.code().name}: {exc.details()}") from None
@@ -66,15 +70,22 @@ class ProducerApp:
         s = self.settings
         started = time.monotonic()
         self.lifecycle.install_signal_handlers()
-        metrics.serve(s.http_host, s.metrics_port)
+        metrics_port = await metrics.serve(
+            s.http_host, s.metrics_port, s.http_read_timeout, s.http_max_connections
+        )
         await self.store.open(s.db_connect_timeout)
+        pair = (
+            (s.tls_key.read_bytes(), s.tls_cert.read_bytes()) if s.tls_key and s.tls_cert else None
+        )
         channel = rpc_client.channel(
-            s.consumer_target, s.tls_ca.read_bytes() if s.tls_ca else None, s.tls_server_name
+            s.consumer_target, s.tls_ca.read_bytes() if s.tls_ca else None, s.tls_server_name, pair
         )
         self.stub = tasks_pb2_grpc.ConsumerStub(channel)
         debug_server = None
         try:
-            debug_server = await debug.serve(s.http_host, s.profiling_port)
+            debug_server = await debug.serve(
+                s.http_host, s.profiling_port, s.http_read_timeout, s.http_max_connections
+            )
             log.info(
                 "producer_started",
                 extra=fields(
@@ -90,7 +101,8 @@ class ProducerApp:
         finally:
             await self.lifecycle.cancel_all()
             if debug_server is not None:
-                debug_server.close()
+                await debug_server.close()
+            await metrics_port.close()
             await channel.close()
             await self.store.close()
 

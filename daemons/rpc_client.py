@@ -49,9 +49,13 @@ class ClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 
 def channel(
-    target: str, ca_pem: bytes | None = None, server_name: str | None = None
+    target: str,
+    ca_pem: bytes | None = None,
+    server_name: str | None = None,
+    client_pair: tuple[bytes, bytes] | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to the consumer(s); TLS when `ca_pem` is given."""
+    """A channel to the consumer(s); TLS when `ca_pem` is given, with a client
+    certificate when `client_pair` (key, certificate chain) is."""
     options: list[tuple[str, Any]] = [
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.enable_retries", 0),  # the producer retries itself, from the database
@@ -67,5 +71,8 @@ def channel(
         return grpc.aio.insecure_channel(target, options=options, interceptors=[ClientMetrics()])
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    key, chain = client_pair or (None, None)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key, certificate_chain=chain
+    )
     return grpc.aio.secure_channel(target, creds, options=options, interceptors=[ClientMetrics()])

@@ -12,8 +12,8 @@ from typing import Any, cast
 import grpc
 from grpc_interceptor.server import AsyncServerInterceptor
 
+from daemons import auth, metrics
 from daemons import engine as eng
-from daemons import metrics
 from daemons.engine import TaskStatus
 from daemons.errors import DaemonError, Draining, InvalidTask
 from daemons.rpc.tasks.v1 import tasks_pb2, tasks_pb2_grpc
@@ -176,7 +176,7 @@ class ConsumerServicer(tasks_pb2_grpc.ConsumerServicer):
         except InvalidTask:
             metrics.rejected["invalid"].inc()
             raise
-        ids, statuses = await self.engine.admit([task])
+        ids, statuses = await self.engine.admit([task], auth.caller.get())
         status = statuses[0]
         if status in (TaskStatus.RATE_LIMITED, TaskStatus.BUSY):
             why = "rate limit" if status == TaskStatus.RATE_LIMITED else "in-flight cap"
@@ -193,5 +193,5 @@ class ConsumerServicer(tasks_pb2_grpc.ConsumerServicer):
         except InvalidTask:
             metrics.rejected["invalid"].inc(max(1, len(request.tasks)))
             raise
-        ids, statuses = await self.engine.admit(tasks)
+        ids, statuses = await self.engine.admit(tasks, auth.caller.get())
         return tasks_pb2.SubmitBatchReply(ids=ids, statuses=to_wire(statuses))

@@ -6,11 +6,12 @@ accepted (`SettingsError`); the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -24,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemons.errors import SettingsError
+from daemons.tokens import tokens_from
 
 ENV_FILE = ".env"
 LOCAL_HOST = "127.0.0.1"
@@ -82,6 +84,20 @@ class CommonSettings(BaseSettings):
         60.0, gt=0, description="seconds to wait for the database at start-up before giving up"
     )
     http_host: str = Field(LOCAL_HOST, description="address the metrics and profiling ports bind")
+    # --- side ports held to account (issue 16) ---
+    http_read_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="seconds a metrics/profiling connection may take to send its request"
+        " (then it is closed)",
+    )
+    http_max_connections: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="metrics/profiling connections served at once per port (more get 503)",
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: LogFormat = Field("console", description="console (key=value) or json")
     drain_timeout: float = Field(
@@ -195,6 +211,26 @@ class ProducerSettings(CommonSettings):
     tls_server_name: str | None = Field(
         None, description="expected name in the consumer's certificate (default: the target host)"
     )
+    # --- authenticated submitter (issue 16) ---
+    auth_token: str | None = Field(
+        None, description="bearer token sent with every RPC (the consumer's CONSUMER_AUTH_TOKENS)"
+    )
+    tls_cert: FilePath | None = Field(
+        None,
+        description="PEM client certificate for a consumer that wants one"
+        " (CONSUMER_TLS_CLIENT_CA; needs PRODUCER_TLS_KEY and PRODUCER_TLS_CA)",
+    )
+    tls_key: FilePath | None = Field(None, description="PEM private key of PRODUCER_TLS_CERT")
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> ProducerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("PRODUCER_TLS_CERT and PRODUCER_TLS_KEY go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError(
+                "PRODUCER_TLS_CERT needs PRODUCER_TLS_CA (a client certificate is TLS)"
+            )
+        return self
 
 
 class ConsumerSettings(CommonSettings):
@@ -239,12 +275,54 @@ class ConsumerSettings(CommonSettings):
     redeliver_after: float = Field(
         30.0, gt=0, description="claim and work `received` tasks untouched this long"
     )
+    # --- authenticated submitters (issue 16) ---
+    auth_tokens: str | None = Field(
+        None,
+        description="bearer tokens, comma-separated, each `name:token` or `token`: every RPC"
+        " but health must carry one (unset = no tokens)",
+    )
+    auth_token_file: FilePath | None = Field(
+        None, description="file of tokens, one `name:token` or `token` a line (# comments)"
+    )
+    tls_client_ca: FilePath | None = Field(
+        None,
+        description="PEM CA of client certificates: mutual TLS, a client without one is"
+        " refused (needs CONSUMER_TLS_CERT)",
+    )
+    insecure_listen: bool = Field(
+        False,
+        description="allow a CONSUMER_LISTEN other hosts can reach with neither TLS nor"
+        " tokens (anyone could submit)",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ConsumerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("CONSUMER_TLS_CERT and CONSUMER_TLS_KEY go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("CONSUMER_TLS_CLIENT_CA needs CONSUMER_TLS_CERT and CONSUMER_TLS_KEY")
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if not (_loopback(host) or self.tls_cert or self.tokens() or self.insecure_listen):
+            raise ValueError(
+                f"CONSUMER_LISTEN={self.listen} can be reached from other hosts, with neither"
+                " TLS nor tokens: set CONSUMER_TLS_CERT/KEY (and CONSUMER_TLS_CLIENT_CA) or"
+                " CONSUMER_AUTH_TOKENS, listen on 127.0.0.1, or CONSUMER_INSECURE_LISTEN=true"
+            )
         return self
+
+    def tokens(self) -> dict[str, str]:
+        """{token: caller name} of every configured token (read when asked: at load, by
+        the validator above, which reports a bad entry, and at start-up)."""
+        return tokens_from(self.auth_tokens, self.auth_token_file)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or a wildcard: reachable unless proven otherwise
 
 
 def env_name(cls: type[CommonSettings], field: str) -> str:
@@ -262,7 +340,8 @@ def load(cls: type[S]) -> S:
     except ValidationError as exc:
         err = exc.errors()[0]
         if not err["loc"]:  # a rule across several settings
-            raise SettingsError(f"invalid settings: {_accepted(err)}") from None
+            rule = _accepted(err).removeprefix("accepted: ")
+            raise SettingsError(f"invalid settings: {rule[0].upper()}{rule[1:]}") from None
         field = str(err["loc"][0])
         name = env_name(cls, field) if field in cls.model_fields else field.upper()
         shown = mask(name, str(err.get("input", "")))
@@ -279,25 +358,70 @@ def _accepted(err: Any) -> str:
     return f"accepted: {msg[0].lower()}{msg[1:]}"
 
 
-_PASSWORD_PARAM = re.compile(r"(?i)(\bpassword=)[^&\s]*")
+# --- passwords never printed (issue 16) ---
+# libpq takes a password in the URL's user info (`user:pw@`), as a query parameter
+# (`?password=pw`, its key maybe percent-encoded) and in a keyword string
+# (`password=pw` or `password = 'p w'`). Masking errs on the side of hiding more.
+_KEYWORD_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
+_URL = re.compile(r"^(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<rest>.*)$", re.DOTALL)
+MASK = "***"
+
+
+def _split_url(value: str) -> tuple[str, str, str, str] | None:
+    """(scheme://, user info, host-and-path, ?query) of a URL, or None."""
+    match = _URL.match(value)
+    if not match:
+        return None
+    rest = match["rest"]
+    head, sep, query = rest.partition("?")
+    userinfo, at, hostpath = head.rpartition("@")  # the last @: a stray one is hidden too
+    if not at:
+        userinfo, hostpath = "", head
+    return match["scheme"], userinfo, hostpath, sep + query
+
+
+def _query_password(param: str) -> bool:
+    return unquote(param.partition("=")[0]).strip().lower() == "password"
 
 
 def mask(name: str, value: str) -> str:
-    """Hide passwords: URLs lose their password (in the user info and in a `password=`
-    parameter, which libpq accepts too), secret-looking names lose the value."""
-    if "://" in value:
-        parts = urlsplit(value)
-        if parts.password:
-            netloc = f"{parts.username}:***@{parts.hostname}"
-            if parts.port:
-                netloc += f":{parts.port}"
-            parts = parts._replace(netloc=netloc)
-        if parts.query:
-            parts = parts._replace(query=_PASSWORD_PARAM.sub(r"\1***", parts.query))
-        return urlunsplit(parts)
-    if any(s in name.upper() for s in ("PASSWORD", "SECRET", "TOKEN")):
-        return "***"
-    return _PASSWORD_PARAM.sub(r"\1***", value)  # a keyword DSN: host=... password=...
+    """Hide passwords: URLs lose the password of their user info and of a `password`
+    parameter; keyword strings their `password=` value; secret-looking names the value."""
+    url = _split_url(value)
+    if url is not None:
+        scheme, userinfo, hostpath, query = url
+        if ":" in userinfo:
+            userinfo = userinfo.partition(":")[0] + ":" + MASK
+        params = [
+            p.partition("=")[0] + "=" + MASK if _query_password(p) else p
+            for p in query[1:].split("&")
+        ]
+        query = "?" + "&".join(params) if query else ""
+        return scheme + (userinfo + "@" if userinfo else "") + hostpath + query
+    secret_name = any(s in name.upper() for s in ("PASSWORD", "SECRET", "TOKEN"))
+    if secret_name and not name.upper().endswith("_FILE") and value != "None":
+        return MASK
+    return _KEYWORD_PASSWORD.sub(r"\1" + MASK, value)  # a keyword DSN: host=... password=...
+
+
+def secrets_in(dsn: str) -> set[str]:
+    """The passwords a URL or keyword string carries, as written and decoded: what must
+    not appear in any line printed about it (logs.redact)."""
+    found: set[str] = set()
+    url = _split_url(dsn)
+    if url is not None:
+        _, userinfo, _, query = url
+        if ":" in userinfo:
+            found.add(userinfo.partition(":")[2])
+        found.update(p.partition("=")[2] for p in query[1:].split("&") if _query_password(p))
+    else:
+        for match in _KEYWORD_PASSWORD.finditer(dsn):
+            raw = match.group(2)
+            found.add(raw)
+            if raw.startswith("'"):
+                found.add(re.sub(r"\\(.)", r"\1", raw.strip("'")))
+    found |= {unquote(s) for s in found}
+    return {s for s in found if s}
 
 
 def explain(settings: CommonSettings) -> str:
@@ -330,13 +454,20 @@ ENV_EXAMPLE_HEAD = """\
 # `producer --explain` / `consumer --explain` show the effective values and their source.
 # Generated by `python -m daemons.settings > conf/env.example`; a test keeps it in sync.
 
-# Shared: PostgreSQL URL. Unset = the local embedded database that `make run` starts
-# (postgresql://postgres@127.0.0.1:$LOCALDB_PORT/tasks).
+# Shared: PostgreSQL URL. Unset = the local embedded database that `make run` starts,
+# as the daemons' role, its password in a file only you can read
+# (postgresql://tasks@127.0.0.1:$LOCALDB_PORT/tasks?passfile=$LOCALDB_DATA.pgpass).
 # DATABASE_URL=postgresql://user:password@host:5432/tasks
 
 # Local embedded database (make run, when DATABASE_URL is unset)
 # LOCALDB_PORT=54329
 # LOCALDB_DATA=var/pgdata
+
+# Migrator: the role it connects as may own more than the daemons' (default:
+# DATABASE_URL; both unset = the local database's superuser, postgres), and it makes
+# the daemons' role owner of the tables (default: the local database's `tasks`).
+# MIGRATOR_DATABASE_URL=postgresql://owner:password@host:5432/tasks
+# MIGRATOR_APP_ROLE=tasks
 """
 
 

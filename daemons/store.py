@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from daemons import schema_dir
-from daemons.errors import DatabaseUnavailable
+from daemons.errors import DatabaseUnavailable, SettingsError
 from daemons.logs import fields
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
             )
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        except psycopg.ProgrammingError as exc:  # libpq cannot parse it: waiting won't help
+            raise SettingsError(f"invalid DATABASE_URL: {exc}") from None
         if time.monotonic() + delay > deadline:
             raise DatabaseUnavailable(f"database not ready after {timeout_s:.0f}s: {reason}")
         # A database still starting (make run starts its own next to the daemons) is
@@ -127,6 +129,50 @@ async def count_stored_tasks(dsn: str) -> int:
         cur = await conn.execute("SELECT count(*) FROM tasks")
         row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+# The migrator's own bookkeeping stays with the migrator's role.
+_YOYO_TABLES = ("_yoyo_log", "_yoyo_migration", "_yoyo_version", "yoyo_lock")
+_OWNED = {
+    # Relations the application role must own (partitions included: attaching,
+    # detaching, dropping and vacuuming them are owner rights). Sequences linked to a
+    # table follow their table.
+    "TABLE": """SELECT c.oid::regclass::text FROM pg_class c
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+          AND c.relowner <> %(role)s::regrole AND NOT c.relname = ANY(%(skip)s)""",
+    "SEQUENCE": """SELECT c.oid::regclass::text FROM pg_class c
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S'
+          AND c.relowner <> %(role)s::regrole AND NOT EXISTS (SELECT FROM pg_depend d
+            WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+              AND d.deptype IN ('a', 'i'))""",
+    "TYPE": """SELECT t.oid::regtype::text FROM pg_type t
+        WHERE t.typnamespace = 'public'::regnamespace AND t.typtype IN ('e', 'd', 'r')
+          AND t.typowner <> %(role)s::regrole""",
+    "ROUTINE": """SELECT p.oid::regprocedure::text FROM pg_proc p
+        WHERE p.pronamespace = 'public'::regnamespace AND p.proowner <> %(role)s::regrole""",
+}
+
+
+async def hand_over(dsn: str, role: str) -> int:
+    """Make `role` (the daemons') own every table, partition, sequence, type and
+    function of the schema, and create in it (maintenance makes partitions), so the
+    daemons need no superuser; the migrator keeps only its own bookkeeping. Idempotent,
+    and converts a database migrated before the roles were split. Returns the number
+    of objects handed over."""
+    moved = 0
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        ident = sql.Identifier(role)
+        await conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(ident))
+        for kind, query in _OWNED.items():
+            cur = await conn.execute(query, {"role": role, "skip": list(_YOYO_TABLES)})
+            for (name,) in await cur.fetchall():
+                # Names come from the catalogue, already quoted by the reg* casts.
+                stmt = sql.SQL("ALTER {} {} OWNER TO {}").format(
+                    sql.SQL(kind), sql.SQL(name), ident
+                )
+                await conn.execute(stmt)
+                moved += 1
+    return moved
 
 
 def pg_array(items: Iterable[int | float]) -> str:

@@ -38,6 +38,11 @@ def target(host: str) -> str:
     return host
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class LocustInterceptor(ClientInterceptor):
     """Fires Locust's request event once per call: name = the method's short name,
     response time in ms, response length in bytes, the exception if it failed."""
@@ -76,9 +81,10 @@ class LocustInterceptor(ClientInterceptor):
 
 class GrpcUser(User):
     """Subclass with `stub_class` (a generated *Stub) and a `host` ("host:port"); tasks
-    call `self.stub.Method(request, timeout=self.timeout_s)` and catch grpc.RpcError
-    (already reported by the interceptor). TLS when the run has a `tls_ca` option (and
-    optionally `tls_server_name`), plaintext otherwise."""
+    call `self.stub.Method(request, timeout=self.timeout_s, metadata=self.metadata)` and
+    catch grpc.RpcError (already reported by the interceptor). TLS when the run has a
+    `tls_ca` option (optionally `tls_server_name`, and `grpc_client_cert` + `_key` for a
+    client certificate), plaintext otherwise; a bearer token with `auth_token`."""
 
     abstract = True
     stub_class: ClassVar[type[Any] | None] = None
@@ -97,12 +103,20 @@ class GrpcUser(User):
         # instead of every user sharing the process-wide one.
         options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
         opts = environment.parsed_options
+        token = getattr(opts, "auth_token", None)
+        # Sent with every call (`metadata=self.metadata`) to a consumer that wants tokens.
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         ca = getattr(opts, "tls_ca", None)
         if ca:
             if getattr(opts, "tls_server_name", None):
                 options.append(("grpc.ssl_target_name_override", opts.tls_server_name))
-            with open(ca, "rb") as f:
-                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            cert = getattr(opts, "grpc_client_cert", None)
+            key = getattr(opts, "grpc_client_key", None)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(ca),
+                private_key=_read(key) if cert and key else None,
+                certificate_chain=_read(cert) if cert and key else None,
+            )
             self._channel = grpc.secure_channel(target(self.host), creds, options=options)
         else:
             self._channel = grpc.insecure_channel(target(self.host), options=options)

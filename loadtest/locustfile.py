@@ -14,7 +14,9 @@ Statistics rows:
                                     RPS is tasks per second by outcome; never failures
 
 The run exits 1 when real errors exceed --max-error-ratio (default 1 %) of the RPCs;
-refusals are not errors. A consumer that serves TLS: --tls-ca CA.pem [--tls-server-name].
+refusals are not errors. A consumer that serves TLS: --tls-ca CA.pem [--tls-server-name]
+[--grpc-client-cert C.pem --grpc-client-key K.pem]; one that wants a token:
+--auth-token (or LOCUST_AUTH_TOKEN).
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ class SubmitMix(TaskSet):
         start = time.perf_counter()
         try:
             reply = self.user.stub.Submit(
-                tasks_pb2.SubmitRequest(task=new_task()), timeout=self.user.timeout_s
+                tasks_pb2.SubmitRequest(task=new_task()),
+                timeout=self.user.timeout_s,
+                metadata=self.user.metadata,
             )
         except grpc.RpcError as exc:  # reported by the interceptor
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -103,7 +107,9 @@ class SubmitMix(TaskSet):
         )
         start = time.perf_counter()
         try:
-            reply = self.user.stub.SubmitBatch(request, timeout=self.user.timeout_s)
+            reply = self.user.stub.SubmitBatch(
+                request, timeout=self.user.timeout_s, metadata=self.user.metadata
+            )
         except grpc.RpcError:  # reported by the interceptor
             return
         ms = (time.perf_counter() - start) * 1000
@@ -140,6 +146,22 @@ def _add_arguments(parser: Any) -> None:
         default="",
         env_var="LOCUST_TLS_SERVER_NAME",
         help="name expected in the consumer's certificate (default: the host)",
+    )
+    parser.add_argument(
+        "--grpc-client-cert",
+        default="",
+        env_var="LOCUST_GRPC_CLIENT_CERT",
+        help="PEM client certificate, for a consumer with CONSUMER_TLS_CLIENT_CA",
+    )
+    parser.add_argument(
+        "--grpc-client-key", default="", env_var="LOCUST_GRPC_CLIENT_KEY", help="its PEM key"
+    )
+    parser.add_argument(
+        "--auth-token",
+        default="",
+        env_var="LOCUST_AUTH_TOKEN",
+        help="bearer token sent with every call (a consumer with CONSUMER_AUTH_TOKENS)",
+        is_secret=True,
     )
 
 

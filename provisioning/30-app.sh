@@ -59,6 +59,34 @@ if [[ -n $rendered ]]; then
 fi
 
 install_file "$VM_DIR/tasks.env" "$TASKS_ETC/tasks.env" 0644 root:root && changed=1
+# gRPC for the host (VM_GRPC_OPEN=1): on every interface of the VM, with bearer tokens,
+# generated once and kept (root only): one for the producer, one for clients on the host.
+GRPC_ENV=$TASKS_ETC/grpc.env
+if [[ ${VM_GRPC_OPEN:-0} == 1 ]]; then
+  token_in_grpc_env() {  # the token named $1 in CONSUMER_AUTH_TOKENS, if it is there
+    [[ -f $GRPC_ENV ]] || return 0
+    local tokens
+    # shellcheck disable=SC1090  # written below
+    tokens=$(set -a && source "$GRPC_ENV" && printf '%s' "${CONSUMER_AUTH_TOKENS:-}")
+    tr ',' '\n' <<<"$tokens" | sed -n "s/^$1://p"
+  }
+  producer_token=$(token_in_grpc_env producer)
+  [[ -n $producer_token ]] || producer_token=$(openssl rand -hex 24)
+  host_token=$(token_in_grpc_env host)
+  [[ -n $host_token ]] || host_token=$(openssl rand -hex 24)
+  write_file "$GRPC_ENV" 0600 root:root <<EOT && changed=1
+# Written by provisioning/30-app.sh with VM_GRPC_OPEN=1: gRPC open to the host, tokens
+# required. From the host: grpcurl -H "authorization: Bearer <the host token>" ...
+CONSUMER_LISTEN=0.0.0.0:50051
+CONSUMER_AUTH_TOKENS=producer:$producer_token,host:$host_token
+PRODUCER_AUTH_TOKEN=$producer_token
+EOT
+else
+  write_file "$GRPC_ENV" 0600 root:root <<EOT && changed=1
+# Written by provisioning/30-app.sh: gRPC on the VM's loopback only (tasks.env);
+# VM_GRPC_OPEN=1 opens it to the host, with tokens.
+EOT
+fi
 # `sudo supervisorctl ...` (sudo's PATH has /usr/local/bin) talks to this supervisord.
 install_file "$VM_DIR/supervisorctl" /usr/local/bin/supervisorctl 0755 root:root || true
 if install_file "$VM_DIR/$UNIT" "/etc/systemd/system/$UNIT" 0644 root:root; then

@@ -97,8 +97,12 @@ cat <<EOT
 The tasks stack is up. On this host (127.0.0.1 only):
   Grafana     http://127.0.0.1:${HOST_GRAFANA_PORT:-3000}/    login admin / $GRAFANA_ADMIN_PASSWORD (home: the Tasks dashboard)
   Prometheus  http://127.0.0.1:${HOST_PROMETHEUS_PORT:-9090}/   targets: $CHECK_JOBS
-  consumer    127.0.0.1:${HOST_GRPC_PORT:-50051} (gRPC: tasks.v1.Consumer, grpc.health.v1)
 EOT
+if [[ ${VM_GRPC_OPEN:-0} == 1 ]]; then
+  echo "  consumer    127.0.0.1:${HOST_GRPC_PORT:-50051} (gRPC: tasks.v1.Consumer, grpc.health.v1; token: the host's in /etc/tasks/grpc.env)"
+else
+  echo "  consumer    gRPC on the VM's loopback only (VM_GRPC_OPEN=1 vagrant provision opens it, with a token)"
+fi
 if [[ ${PGADMIN:-0} == 1 ]]; then
   echo "  pgAdmin     http://127.0.0.1:${HOST_PGADMIN_PORT:-15080}/   login ${PGADMIN_EMAIL:-admin@example.com} / ${PGADMIN_PASSWORD:-tasks-admin} (server 'tasks'; its password: see db.env below)"
 fi

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from daemons import localdb
 from daemons.bench.cluster import (
     PrivatePostgres,
     create_database,
@@ -18,6 +19,7 @@ from daemons.bench.cluster import (
     migrate,
     with_database,
 )
+from tests.conftest import sql
 
 TEMPLATE = "tasks_template"
 
@@ -38,7 +40,9 @@ def pg_server() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pg_template(pg_server: str) -> str:
     url = create_database(pg_server, TEMPLATE, migrated=False)
-    migrate(url)
+    # In the private cluster the daemons' role (no superuser) owns the tables, as in a
+    # real install; on TEST_DATABASE_URL the tables belong to whoever migrates.
+    migrate(url, app_role=None if os.environ.get("TEST_DATABASE_URL") else localdb.APP_ROLE)
     return url
 
 
@@ -48,3 +52,20 @@ def db_url(pg_server: str, pg_template: str) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield create_database(pg_server, name, template=TEMPLATE)
     drop_database(pg_server, name)
+
+
+@pytest.fixture
+def app_db_url(db_url: str) -> str:
+    """The same database as the daemons' role sees it (no superuser; owns the tables)."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("the daemons' role exists in the private test cluster only")
+    url = as_role(db_url, localdb.APP_ROLE)
+    assert sql(
+        url, "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user"
+    ) == [(localdb.APP_ROLE, False)]
+    return url
+
+
+def as_role(url: str, role: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{role}@{rest.rpartition('@')[2]}"

@@ -57,11 +57,15 @@ def with_database(url: str, name: str) -> str:
     return base + (f"?{query}" if query else "")
 
 
-def migrate(url: str, cwd: Path | None = None) -> None:
-    """`migrator up` on `url`, the real migrator, with none of the caller's settings."""
+def migrate(url: str, cwd: Path | None = None, app_role: str | None = None) -> None:
+    """`migrator up` on `url`, the real migrator, with none of the caller's settings;
+    `app_role` (MIGRATOR_APP_ROLE) is made owner of what it creates."""
+    env = clean_env(DATABASE_URL=url)
+    if app_role:
+        env["MIGRATOR_APP_ROLE"] = app_role
     out = subprocess.run(
         [str(BIN / "migrator"), "up"],
-        env=clean_env(DATABASE_URL=url),
+        env=env,
         cwd=cwd or tempfile.gettempdir(),  # no .env of the checkout leaks in
         capture_output=True,
         text=True,
@@ -113,8 +117,9 @@ class PrivatePostgres:
     def admin_url(self) -> str:
         return self.url("postgres")
 
-    def url(self, db: str) -> str:
-        return localdb.url_for(self.port, db)
+    def url(self, db: str, role: str = localdb.OWNER_ROLE) -> str:
+        """The superuser's URL by default; `role=localdb.APP_ROLE` for the daemons'."""
+        return localdb.url_for(self.port, db, role, localdb.passfile_for(self.root / "pgdata"))
 
     def start(self) -> None:
         self.popen = localdb.start_background(self.root / "pgdata", self.port, self.log_path)

@@ -11,10 +11,20 @@ import json
 import time
 
 import psycopg
+import pytest
 
 from daemons import maintenance
 from daemons.store import Partition, Store
 from tests.conftest import sql, states
+
+
+@pytest.fixture(params=["superuser", "daemons' role"])
+def url(request: pytest.FixtureRequest, db_url: str) -> str:
+    """Maintenance runs in the daemons, as their role (no superuser): it must be able
+    to make, detach and drop partitions and vacuum as that role too."""
+    if request.param == "superuser":
+        return db_url
+    return request.getfixturevalue("app_db_url")  # type: ignore[no-any-return]
 
 
 async def _store(url: str) -> Store:
@@ -42,9 +52,9 @@ def _stored_done(url: str) -> int:
 
 
 async def test_retention_drops_old_done_partitions_and_never_an_unfinished_task(
-    db_url: str,
+    url: str,
 ) -> None:
-    store = await _store(db_url)
+    store = await _store(url)
     try:
         parts = await store.done_partitions()
         legacy = parts[0]
@@ -52,34 +62,34 @@ async def test_retention_drops_old_done_partitions_and_never_an_unfinished_task(
         # Done long ago (in the oldest partition), done now, and unfinished tasks whose
         # stamps are older than any retention: received, and stuck in processing.
         sql(
-            db_url,
+            url,
             "INSERT INTO tasks (type, value, state, creation_time, last_update_time)"
             " SELECT g %% 10, 1, 'done', 1000, 1000 + g FROM generate_series(1, 500) g",
         )
-        await _past(db_url, legacy.upper + 1)  # the template may be a second old
+        await _past(url, legacy.upper + 1)  # the template may be a second old
         rows = await store.insert_batch([3] * 30, [7] * 30, [1000.0] * 30)
         ids = [r.id for r in rows]
         claimed = {r.id: r for r in await store.mark_processing(ids[:20])}
         assert sorted(await store.mark_done([claimed[i] for i in ids[:10]])) == sorted(ids[:10])
-        sql(db_url, "UPDATE tasks SET last_update_time = 1000 WHERE state <> 'done'")
+        sql(url, "UPDATE tasks SET last_update_time = 1000 WHERE state <> 'done'")
         totals_before = await store.done_totals_by_type()
         # A retention that makes the oldest partition expire and nothing newer.
-        retention = _db_now(db_url) - legacy.upper - 0.5
-        assert parts[1].upper > _db_now(db_url)
+        retention = _db_now(url) - legacy.upper - 0.5
+        assert parts[1].upper > _db_now(url)
         report = await store.maintain(60, 600, retention)
         assert report.maintainer
         assert report.dropped == [legacy.name] and report.dropped_rows == 500
-        assert states(db_url) == {"received": 10, "processing": 10, "done": 10}
-        assert await store.count_by_state() == states(db_url)
+        assert states(url) == {"received": 10, "processing": 10, "done": 10}
+        assert await store.count_by_state() == states(url)
         # Lifetime totals do not forget what retention removed.
         assert await store.done_totals_by_type() == totals_before
         assert sum(n for n, _ in totals_before.values()) == 510
         after = await store.done_partitions()
         assert legacy.name not in {p.name for p in after} and _contiguous(after)
-        assert after[-1].upper >= _db_now(db_url) + 600 - 1  # made ahead of need
+        assert after[-1].upper >= _db_now(url) + 600 - 1  # made ahead of need
         # A retention far shorter than any age still leaves every unfinished task.
         await store.maintain(60, 600, 1)
-        assert states(db_url)["received"] == 10 and states(db_url)["processing"] == 10
+        assert states(url)["received"] == 10 and states(url)["processing"] == 10
         # 0 keeps everything.
         kept = await store.done_partitions()
         await store.maintain(60, 600, 0)
@@ -90,18 +100,18 @@ async def test_retention_drops_old_done_partitions_and_never_an_unfinished_task(
         await store.close()
 
 
-async def test_a_pass_stopped_between_detach_and_drop_is_finished_next_time(db_url: str) -> None:
-    store = await _store(db_url)
+async def test_a_pass_stopped_between_detach_and_drop_is_finished_next_time(url: str) -> None:
+    store = await _store(url)
     try:
         legacy = (await store.done_partitions())[0]
         sql(
-            db_url,
+            url,
             "INSERT INTO tasks (type, value, state, creation_time, last_update_time)"
             " SELECT 1, 2, 'done', 1000, 1000 FROM generate_series(1, 40)",
         )
         # As if a maintainer died right after its DETACH: rows invisible, still counted.
-        sql(db_url, f"ALTER TABLE tasks_done DETACH PARTITION {legacy.name}")
-        assert states(db_url)["done"] == 0 and (await store.count_by_state())["done"] == 40
+        sql(url, f"ALTER TABLE tasks_done DETACH PARTITION {legacy.name}")
+        assert states(url)["done"] == 0 and (await store.count_by_state())["done"] == 40
         report = await store.maintain(60, 600, 0)
         assert report.dropped == [legacy.name] and report.dropped_rows == 40
         assert (await store.count_by_state())["done"] == 0
@@ -110,12 +120,12 @@ async def test_a_pass_stopped_between_detach_and_drop_is_finished_next_time(db_u
         await store.close()
 
 
-async def test_maintainers_at_once_conflict_on_nothing_while_tasks_flow(db_url: str) -> None:
-    stores = [await _store(db_url) for _ in range(3)]
+async def test_maintainers_at_once_conflict_on_nothing_while_tasks_flow(url: str) -> None:
+    stores = [await _store(url) for _ in range(3)]
     legacy = (await stores[0].done_partitions())[0]
-    await _past(db_url, legacy.upper + 1)
+    await _past(url, legacy.upper + 1)
     # Retention such that the oldest partition is due for removal while they run.
-    retention = _db_now(db_url) - legacy.upper - 0.5
+    retention = _db_now(url) - legacy.upper - 0.5
     jobs = [maintenance.Maintenance(s, retention_s=retention, interval_s=0.01) for s in stores]
     stop = asyncio.Event()
     maintainers = 0
@@ -147,23 +157,23 @@ async def test_maintainers_at_once_conflict_on_nothing_while_tasks_flow(db_url: 
         assert _contiguous(parts)
         names = [p.name for p in parts]
         assert len(names) == len(set(names))
-        assert await stores[0].count_by_state() == states(db_url)
+        assert await stores[0].count_by_state() == states(url)
         assert (await stores[0].done_totals_by_type())[5] == (done, done)
     finally:
         for s in stores:
             await s.close()
 
 
-async def test_a_done_time_past_the_last_partition_makes_one_on_demand(db_url: str) -> None:
-    store = await _store(db_url)
+async def test_a_done_time_past_the_last_partition_makes_one_on_demand(url: str) -> None:
+    store = await _store(url)
     try:
-        now = _db_now(db_url)
+        now = _db_now(url)
         for part in await store.done_partitions():
             if part.upper > now - 1:  # every partition that could take a task done now
-                sql(db_url, f"ALTER TABLE tasks_done DETACH PARTITION {part.name}")
-                sql(db_url, f"DROP TABLE {part.name}")
+                sql(url, f"ALTER TABLE tasks_done DETACH PARTITION {part.name}")
+                sql(url, f"DROP TABLE {part.name}")
         # Two writers find no partition at the same moment: each makes one, neither fails.
-        other = await _store(db_url)
+        other = await _store(url)
         now = time.time()
         batches = [await s.insert_batch([2] * 5, [3] * 5, [now] * 5) for s in (store, other)]
         ids = [[r.id for r in rows] for rows in batches]
@@ -173,7 +183,7 @@ async def test_a_done_time_past_the_last_partition_makes_one_on_demand(db_url: s
             other.mark_done([claimed[i] for i in ids[1]]),
         )
         assert [sorted(d) for d in done] == [sorted(i) for i in ids]
-        assert states(db_url)["done"] == 10
+        assert states(url)["done"] == 10
         parts = await store.done_partitions()
         assert _contiguous(parts) and len({p.name for p in parts}) == len(parts)
         await other.close()
@@ -223,15 +233,15 @@ async def test_start_up_reads_the_same_few_rows_whatever_the_history(db_url: str
         await store.close()
 
 
-async def test_idempotency_keys_are_kept_as_long_as_done_tasks(db_url: str) -> None:
-    store = await _store(db_url)
+async def test_idempotency_keys_are_kept_as_long_as_done_tasks(url: str) -> None:
+    store = await _store(url)
     try:
         now = time.time()
         await store.register_keyed(["old", "new"], [1, 1], [1, 1], [now, now])
-        sql(db_url, "UPDATE task_keys SET created = created - 7200 WHERE key = 'old'")
+        sql(url, "UPDATE task_keys SET created = created - 7200 WHERE key = 'old'")
         await store.maintain(60, 600, 0)  # no retention: keys are kept too
-        assert len(sql(db_url, "SELECT key FROM task_keys")) == 2
+        assert len(sql(url, "SELECT key FROM task_keys")) == 2
         await store.maintain(60, 600, 3600)
-        assert sql(db_url, "SELECT key FROM task_keys") == [("new",)]
+        assert sql(url, "SELECT key FROM task_keys") == [("new",)]
     finally:
         await store.close()

@@ -115,7 +115,7 @@ def test_rolling_back_0001_with_tasks_stored_needs_drop_tasks(db_url: str) -> No
         assert out.returncode == 0 and f"id={expected}" in out.stderr, out.stderr
     refused = down()
     assert refused.returncode == 2, refused.stderr
-    assert "1 tasks" in refused.stderr and "--drop-tasks" in refused.stderr
+    assert "1 stored tasks" in refused.stderr and "FORCE=1" in refused.stderr
     assert states(db_url)["received"] == 1  # nothing changed
     assert down("--drop-tasks").returncode == 0
     assert sql(db_url, "SELECT to_regclass('tasks')") == [(None,)]

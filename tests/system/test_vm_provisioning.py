@@ -235,6 +235,7 @@ def test_knobs(tmp_path: Path) -> None:
         PGADMIN="1",
         VM_PGADMIN_PORT="25080",
         VM_GRPC_PORT="15051",
+        VM_GRPC_OPEN="yes",
         GRAFANA_ADMIN_PASSWORD="s3cret",
     )
     for provider in ("virtualbox", "libvirt"):
@@ -245,6 +246,7 @@ def test_knobs(tmp_path: Path) -> None:
     assert (ports["grpc"]["guest"], ports["grpc"]["host"]) == (50051, 15051)
     stack, check = config["provisioners"]
     assert stack["env"]["PGADMIN"] == "1"
+    assert stack["env"]["VM_GRPC_OPEN"] == "1"
     assert stack["env"]["GRAFANA_ADMIN_PASSWORD"] == "s3cret"
     # check.sh prints the host's side of each forward.
     assert check["env"]["HOST_PGADMIN_PORT"] == "25080"
@@ -371,8 +373,8 @@ def test_systemd_unit_and_supervisorctl_use_the_rendered_configuration() -> None
     stopwait = [int(p.get("stopwaitsecs", "10")) for p in conf_programs]  # 10: supervisor's
     assert int(service["TimeoutStopSec"]) > sum(stopwait)
     text = (VM_DIR / "tasks-supervisord.service").read_text()
-    for env_file in ("tasks.env", "db.env"):
-        assert f"EnvironmentFile={paths['TASKS_ETC']}/{env_file}\n" in text
+    for optional, env_file in (("", "tasks.env"), ("", "db.env"), ("-", "grpc.env")):
+        assert f"EnvironmentFile={optional}{paths['TASKS_ETC']}/{env_file}\n" in text
     assert f"/venv/bin/supervisorctl -c {conf} " in (VM_DIR / "supervisorctl").read_text()
 
 
@@ -385,8 +387,26 @@ def test_the_daemons_accept_the_vm_environment() -> None:
     example = (ROOT / "conf" / "env.example").read_text()
     for name in settings:
         assert f"# {name}=" in example, f"{name} is not a setting (conf/env.example)"
-    assert settings["CONSUMER_LISTEN"] == f"0.0.0.0:{GUEST_PORTS['grpc']}"  # forwarded
+    # gRPC on the VM's loopback unless VM_GRPC_OPEN=1 (grpc.env) opens it, with tokens.
+    assert settings["CONSUMER_LISTEN"] == f"127.0.0.1:{GUEST_PORTS['grpc']}"
     env = clean_env(**settings, DATABASE_URL="postgresql://tasks:x@127.0.0.1:5432/tasks")
+    opened = {**env, "CONSUMER_LISTEN": f"0.0.0.0:{GUEST_PORTS['grpc']}"}
+    for extra, rc in (({}, 2), ({"CONSUMER_AUTH_TOKENS": "producer:" + "p" * 48}, 0)):
+        out = subprocess.run(
+            [str(BIN / "consumer"), "--explain"],
+            env={**opened, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == rc, out.stderr
+    script = (ROOT / "provisioning" / "30-app.sh").read_text()
+    for line in (
+        "CONSUMER_LISTEN=0.0.0.0:50051",
+        "CONSUMER_AUTH_TOKENS=producer:",
+        "PRODUCER_AUTH_TOKEN=",
+    ):
+        assert line in script, f"30-app.sh writes no {line} into grpc.env"
     for daemon in ("producer", "consumer"):
         out = subprocess.run(
             [str(BIN / daemon), "--explain"], env=env, capture_output=True, text=True, timeout=60
@@ -526,7 +546,12 @@ def run_check(stand_in: StandIn, tmp_path: Path, **env: str) -> subprocess.Compl
 
 def test_check_passes_and_prints_where_everything_is(stand_in: StandIn, tmp_path: Path) -> None:
     out = run_check(
-        stand_in, tmp_path, HOST_GRAFANA_PORT="13000", PGADMIN="1", PGADMIN_EMAIL="me@example.org"
+        stand_in,
+        tmp_path,
+        HOST_GRAFANA_PORT="13000",
+        PGADMIN="1",
+        PGADMIN_EMAIL="me@example.org",
+        VM_GRPC_OPEN="1",
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "check: Prometheus reports producer and consumer up" in out.stdout

@@ -51,3 +51,32 @@ def test_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         SlidingWindowLimiter(0, 1.0)
     assert SlidingWindowLimiter(1, 1.0).acquire(0) == 0
+
+
+def test_fair_limiter_shares_the_limit_among_active_callers() -> None:
+    from daemons.limiter import FairLimiter
+
+    clock = Clock()
+    lim = FairLimiter(100, 1.0, clock)
+    assert lim.acquire(80, "alice") == 80  # alone: the whole limit is hers to take
+    clock.t += 0.1
+    assert lim.acquire(80, "bob") == 20  # what is left, and no more than half
+    clock.t += 1.0  # alice's 80 have expired
+    got = {"alice": 0, "bob": 0}
+    for _ in range(50):  # both hammering, alice first each round
+        clock.t += 0.1
+        for who in ("alice", "bob"):
+            got[who] += lim.acquire(50, who)
+    assert abs(got["alice"] - got["bob"]) <= 50, got
+    assert sum(got.values()) <= 100 * 6  # never beyond the limit in any window
+
+
+def test_fair_limiter_forgets_callers_idle_for_a_window() -> None:
+    from daemons.limiter import FairLimiter
+
+    clock = Clock()
+    lim = FairLimiter(10, 1.0, clock)
+    assert lim.acquire(5, "a") == 5
+    assert lim.acquire(10, "b") == 5  # two sharing: 5 each
+    clock.t += 1.5
+    assert lim.acquire(10, "a") == 10  # b went quiet: a alone again
