@@ -23,7 +23,7 @@ from daemons.errors import Draining
 from daemons.limiter import SlidingWindowLimiter
 from daemons.logs import fields
 from daemons.outage import Outage
-from daemons.store import TRANSIENT_ERRORS, TaskRow, TaskStore
+from daemons.store import TIMEOUT_ERRORS, TRANSIENT_ERRORS, TaskRow, TaskStore
 
 log = logging.getLogger("daemons.consumer")
 task_log = logging.getLogger("daemons.consumer.tasks")
@@ -35,6 +35,9 @@ DONE_FLUSH_ROWS = 2000  # ... unless this many finished tasks are waiting
 ADMIT_GAP_S = 0.002  # admission statements start at least 2 ms apart ...
 ADMIT_FULL = 64  # ... unless this many requests are waiting
 BACKOFF_MAX_S = 2.0
+# A done statement unanswered this long is an outage (health NOT_SERVING) before its
+# deadline runs out: a silent network looks like a slow statement until then.
+STALL_S = 3.0
 FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished work
 
 In = TypeVar("In")
@@ -287,24 +290,36 @@ class Engine:
             by_value.setdefault(row.value, []).append(row)
         processing = self.processing
         for value, group in by_value.items():
+            # A task handed out again while this process still holds it (its lease ran
+            # out while the done writer waited on the database): if its work finished,
+            # that write is queued and counts; if not, the new delivery replaces the old
+            # one, whose timer then finds another timer in its place and does nothing.
+            group = [r for r in group if processing.get(r.id, (r, 0))[1] is not None]
+            if not group:
+                continue
+            mine: list[asyncio.TimerHandle] = []  # the timer, for its own callback
             handle = loop.call_later(
-                value * self.work_scale / 1000.0, self._work_finished, group, now
+                value * self.work_scale / 1000.0, self._work_finished, group, now, mine
             )
+            mine.append(handle)
             for row in group:
                 processing[row.id] = (row, handle)
         if processing:
             self._idle.clear()
         metrics.tasks_processing.set(len(processing))
 
-    def _work_finished(self, group: list[TaskRow], started: float) -> None:
+    def _work_finished(
+        self, group: list[TaskRow], started: float, mine: list[asyncio.TimerHandle]
+    ) -> None:
         processing = self.processing
         took = asyncio.get_running_loop().time() - started
         finished_at = time.time()
         finished = self._finished
         n = 0
         for row in group:
-            if row.id not in processing:
-                continue  # released by a drain meanwhile
+            held = processing.get(row.id)
+            if held is None or held[1] is not mine[0]:
+                continue  # released by a drain meanwhile, or delivered again since
             processing[row.id] = (row, None)
             finished.append((row, finished_at))
             n += 1
@@ -315,25 +330,41 @@ class Engine:
         """Group commit: one `done` statement for everything finished since the last one.
         While the database is away the finished work is kept and retried, never lost."""
         delay = 0.05
+        rows = MAX_ROWS_PER_STATEMENT
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
             while self._finished:
                 # Fewer, larger statements (one commit each), also while work trickles in.
                 await self._done_pace.wait(lambda: len(self._finished))
-                batch = self._finished[:MAX_ROWS_PER_STATEMENT]
+                batch = self._finished[:rows]
                 try:
-                    won = set(await self.store.mark_done([row.id for row, _ in batch]))
+                    won = set(await self._watched(self.store.mark_done([r.id for r, _ in batch])))
                 except TRANSIENT_ERRORS as exc:
                     self.db.failing(exc)
+                    if isinstance(exc, TIMEOUT_ERRORS):
+                        # A batch that keeps timing out is split until it fits.
+                        rows = max(1, len(batch) // 2)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
                 self.db.ok()
                 delay = 0.05
+                rows = min(MAX_ROWS_PER_STATEMENT, rows * 2)
                 del self._finished[: len(batch)]
                 metrics.batch_done.observe(len(batch))
                 self._record_done(batch, won)
+
+    async def _watched(self, write: Awaitable[R]) -> R:
+        """`write`, reported as an outage once it has gone unanswered for STALL_S."""
+        task = asyncio.ensure_future(write)
+        try:
+            finished, _ = await asyncio.wait({task}, timeout=STALL_S)
+            if not finished:
+                self.db.failing(f"no reply to a done statement for {STALL_S:.0f} s")
+            return await task
+        finally:
+            task.cancel()  # only if we were cancelled while it ran
 
     def _record_done(self, batch: list[tuple[TaskRow, float]], won: set[int]) -> None:
         sums, counts = self.sums, self.counts

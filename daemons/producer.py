@@ -32,7 +32,7 @@ class ProducerApp:
     def __init__(self, settings: ProducerSettings) -> None:
         s = self.settings = settings
         self.lifecycle = Lifecycle()
-        self.store = Store(s.dsn(), pool_size=s.db_pool_size, name="producer")
+        self.store = Store(s.dsn(), pool_size=s.db_pool_size, name="producer", **s.store_options())
         self.outbox = Outbox(
             self.store,
             self._send,

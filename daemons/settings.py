@@ -81,6 +81,20 @@ class _Common(BaseSettings):
     db_connect_timeout: float = Field(
         60.0, gt=0, description="seconds to wait for the database at start-up before giving up"
     )
+    db_statement_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a statement may run before PostgreSQL cancels it (a transient"
+        " error, retried); no reply 5 s after that drops the connection as silent",
+    )
+    db_lock_timeout: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="seconds a statement waits for a lock before giving up and retrying,"
+        " so a transaction held open elsewhere cannot stop the pipeline",
+    )
     http_host: str = Field(LOCAL_HOST, description="address the metrics and profiling ports bind")
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: LogFormat = Field("console", description="console (key=value) or json")
@@ -139,6 +153,13 @@ class _Common(BaseSettings):
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("expected a postgresql:// URL")
         return value or None
+
+    def store_options(self) -> dict[str, float]:
+        """What daemons.store.Store takes from the settings besides the URL."""
+        return {
+            "statement_timeout_s": self.db_statement_timeout,
+            "lock_timeout_s": self.db_lock_timeout,
+        }
 
     def dsn(self) -> str:
         from daemons import localdb

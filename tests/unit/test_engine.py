@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import psycopg
 import pytest
@@ -155,3 +156,100 @@ def test_a_write_outage_is_reported_once_and_flips_health(
     assert health == [False, True]
     events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("db_write")]
     assert events == ["db_write_failing", "db_write_recovered"]
+
+
+class _TimingOutStore(InMemoryStore):
+    """`mark_done` of more than `fits` ids times out (a statement too big for its
+    statement_timeout); the sizes it was asked for are kept."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+        self.sizes: list[int] = []
+
+    async def mark_done(self, ids: Sequence[int]) -> list[int]:
+        self.sizes.append(len(ids))
+        if len(ids) > self.fits:
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return await super().mark_done(ids)
+
+
+def test_the_done_writer_splits_a_batch_that_keeps_timing_out() -> None:
+    async def scenario() -> _TimingOutStore:
+        store = _TimingOutStore(fits=100)
+        engine, loops = await start_engine(store, work_scale=0)
+        _, statuses = await engine.admit(await _tasks(store, [0] * 1000, [1] * 1000))
+        assert statuses == [ACCEPTED] * 1000
+        await until(lambda: not engine.processing, 60)
+        assert engine.done_total == 1000 and _states(store)["done"] == 1000
+        await stop_loops(loops)
+        return store
+
+    store = run(scenario())
+    assert store.sizes[:4] == [1000, 500, 250, 125] and max(store.sizes[4:]) <= 200
+
+
+class _SilentStore(InMemoryStore):
+    """`mark_done` hangs (no reply) until `answer` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+
+    async def mark_done(self, ids: Sequence[int]) -> list[int]:
+        await self.answer.wait()
+        return await super().mark_done(ids)
+
+
+def test_a_done_statement_without_reply_flips_health_before_its_deadline() -> None:
+    health: list[bool] = []
+
+    async def scenario() -> None:
+        store = _SilentStore()
+        engine, loops = await start_engine(store, on_db_state=health.append, work_scale=0)
+        await engine.admit(await _tasks(store, [0], [1]))
+        await asyncio.sleep(eng.STALL_S - 0.5)
+        assert health == []
+        await until(lambda: health == [False], 1.0)
+        store.answer.set()
+        await until(lambda: not engine.processing)
+        await stop_loops(loops)
+
+    run(scenario())
+    assert health == [False, True]
+
+
+class _FailingDoneStore(InMemoryStore):
+    """`mark_done` fails (a transient error) while `failing` is set."""
+
+    failing = False
+
+    async def mark_done(self, ids: Sequence[int]) -> list[int]:
+        if self.failing:
+            raise psycopg.OperationalError("terminating connection due to administrator")
+        return await super().mark_done(ids)
+
+
+def test_a_task_delivered_again_while_held_is_counted_once() -> None:
+    async def scenario() -> tuple[eng.Engine, InMemoryStore]:
+        store = _FailingDoneStore()
+        engine, loops = await start_engine(store, work_scale=10)  # 1 s and 0.5 s of work
+        tasks = await _tasks(store, [1, 2], [100, 50])
+        store.failing = True  # the done writer retries its batch meanwhile
+        await engine.admit(tasks)
+        await asyncio.sleep(0.6)  # task 2 finished, its write waits; task 1 is at work
+        # Both leases are reclaimed and delivered again to this same consumer.
+        store.backdate(60)
+        assert len(await store.reclaim_expired(30, 10)) == 2
+        _, statuses = await engine.admit(tasks)
+        assert statuses == [ACCEPTED] * 2
+        await asyncio.sleep(1.5)  # the second deliveries' work finishes too
+        store.failing = False
+        await until(lambda: not engine.processing)
+        await asyncio.sleep(2.0)  # every timer, the first delivery's too, has fired
+        await stop_loops(loops)
+        return engine, store
+
+    engine, store = run(scenario())
+    assert engine.done_total == 2 and engine.counts[1:3] == [1, 1]
+    assert engine.sums[1:3] == [100, 50] and store.totals[1] == [1, 100]
