@@ -386,13 +386,13 @@ class Store:
         return int(rows[0][0])
 
     async def count_by_state(self) -> dict[str, int]:
-        """Tasks per state from the trigger-maintained counts: one row, no scan."""
+        """Tasks per state from the trigger-maintained counts: 16 shards, no scan."""
         rows = await self._rows("count_by_state", {})
         received, processing, done = rows[0]
         return {"received": int(received), "processing": int(processing), "done": int(done)}
 
     async def done_totals_by_type(self) -> dict[int, tuple[int, int]]:
-        """{type: (count, value sum)} of every task ever done, from the rollup (ten rows,
+        """{type: (count, value sum)} of every task ever done, from the rollup (160 rows,
         untouched by retention): seeds the running sums at start-up in constant time."""
         rows = await self._rows("done_totals_by_type", {})
         return {int(t): (int(n), int(s)) for t, n, s in rows}
@@ -499,7 +499,7 @@ class Store:
             cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident))
             row = await cur.fetchone()
             n = int(row[0]) if row else 0
-            await conn.execute("UPDATE task_counts SET done = done - %(n)s WHERE id = 1", {"n": n})
+            await conn.execute(q("take_off_done"), {"n": n})
             await conn.execute(sql.SQL("DROP TABLE {}").format(ident))
         report.dropped.append(name)
         report.dropped_rows += n

@@ -750,7 +750,7 @@ def run_workload(
         idle_by = time.monotonic() + STOP_TIMEOUT_S
         while (
             time.monotonic() < idle_by
-            and conn.execute("SELECT processing FROM task_counts").fetchone()[0]
+            and conn.execute("SELECT sum(processing) FROM task_counts").fetchone()[0]
         ):
             time.sleep(0.2)
         counted = sum(scrape_done(p) or 0 for p in ports)

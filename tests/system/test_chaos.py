@@ -267,7 +267,9 @@ def test_migration_up_and_down_under_load(cluster: Cluster, tmp_path: Path) -> N
                 )
                 assert out.returncode == 0, out.stderr
 
-    run_scenario("migration_flip", cluster, tmp_path, inject)
+    # Six migrator runs of 1-2 s each (0004 waits for the writers in flight): a larger
+    # total keeps the load on throughout.
+    run_scenario("migration_flip", cluster, tmp_path, inject, total=12000)
 
 
 def summary_table(results: list[Result]) -> str:

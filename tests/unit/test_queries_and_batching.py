@@ -40,7 +40,7 @@ def test_every_named_query_is_loaded_and_names_its_columns() -> None:
 def test_migrations_have_rollbacks() -> None:
     mig = schema_dir() / "migrations"
     ups = sorted(p for p in mig.glob("*.sql") if not p.name.endswith(".rollback.sql"))
-    assert [p.name[:4] for p in ups] == ["0001", "0002", "0003"]
+    assert [p.name[:4] for p in ups] == ["0001", "0002", "0003", "0004"]
     for up in ups:
         assert up.with_name(up.stem + ".rollback.sql").exists()
 
