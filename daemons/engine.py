@@ -433,7 +433,15 @@ class Engine:
             finished = {row.id for row, _ in self._finished}
             ids = [i for i in ids if i not in finished]
             if ids:
-                released = len(await asyncio.shield(self.store.release_processing(ids)))
+                try:
+                    released = len(await asyncio.shield(self.store.release_processing(ids)))
+                except TRANSIENT_ERRORS as exc:
+                    # The database is away (or stopping first): the tasks stay
+                    # `processing`, and the lease sweep gives them back after its timeout.
+                    log.warning(
+                        "drain_release_failed",
+                        extra=fields(tasks=len(ids), error=str(exc).strip()[:300]),
+                    )
                 for i in ids:
                     self.processing.pop(i, None)
             if not self.processing:

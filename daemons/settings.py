@@ -50,6 +50,11 @@ def _port(default: int, what: str) -> Any:
     return Field(default, ge=0, le=65535, description=f"{what} port on HTTP_HOST (0 = off)")
 
 
+# Set by conf/supervisord.conf next to each daemon's stopwaitsecs, to the same value
+# (a unit test keeps them equal): supervisor SIGKILLs a daemon still draining after it.
+STOPWAIT_ENV = "SUPERVISOR_STOPWAITSECS"
+
+
 class _Common(BaseSettings):
     """Settings both daemons share (each under its own prefix, except DATABASE_URL)."""
 
@@ -57,6 +62,9 @@ class _Common(BaseSettings):
         env_file=ENV_FILE, extra="ignore", frozen=True, case_sensitive=False
     )
     prefix: ClassVar[str] = ""
+    # What a graceful stop takes beyond the drain timeout (closing the pool, 5 s, and
+    # for the consumer the RPC grace and the final flush): must fit in stopwaitsecs too.
+    stop_overhead_s: ClassVar[float] = 5.0
 
     database_url: str | None = Field(
         None,
@@ -131,6 +139,21 @@ class _Common(BaseSettings):
                 host, _, port = listen.rpartition(":")
                 object.__setattr__(self, "listen", f"{host}:{int(port) + self.instance}")
         return self
+
+    @field_validator("drain_timeout")
+    @classmethod
+    def _fits_supervisor(cls, value: float) -> float:
+        """Under supervisor, a drain longer than its stopwaitsecs ends in SIGKILL: refused
+        at start instead."""
+        stopwait = os.environ.get(STOPWAIT_ENV, "")
+        if stopwait and value + cls.stop_overhead_s > float(stopwait):
+            raise ValueError(
+                f"at most {float(stopwait) - cls.stop_overhead_s:g} s under supervisor, whose"
+                f" stopwaitsecs={stopwait} must cover the drain and {cls.stop_overhead_s:g} s"
+                " of stopping; raise stopwaitsecs (and SUPERVISOR_STOPWAITSECS beside it)"
+                " in conf/supervisord.conf first"
+            )
+        return value
 
     @field_validator("tasks_retention", mode="before")
     @classmethod
@@ -216,6 +239,8 @@ class ProducerSettings(_Common):
 class ConsumerSettings(_Common):
     model_config = SettingsConfigDict(env_prefix="CONSUMER_")
     prefix: ClassVar[str] = "CONSUMER_"
+    # RPC grace (2 s), flush of finished work (5 s), closing the pool (5 s).
+    stop_overhead_s: ClassVar[float] = 12.0
 
     listen: str = Field(
         "127.0.0.1:50051", pattern=r"^.+:\d{1,5}$", description="gRPC listen address host:port"

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 import psycopg
+import psycopg_pool
 import pytest
 
 from daemons import engine as eng
@@ -253,3 +254,22 @@ def test_a_task_delivered_again_while_held_is_counted_once() -> None:
     engine, store = run(scenario())
     assert engine.done_total == 2 and engine.counts[1:3] == [1, 1]
     assert engine.sums[1:3] == [100, 50] and store.totals[1] == [1, 100]
+
+
+def test_drain_survives_a_database_that_is_gone(caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL stopping first (or away): unfinished work cannot be given back, so it
+    stays `processing` for the lease sweep, and the drain still ends."""
+    caplog.set_level(logging.WARNING)
+
+    async def scenario() -> tuple[int, int]:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, work_scale=100)  # 5 s of work
+        await engine.admit(await _tasks(store, [0, 0], [50, 50]))
+        store.fail = psycopg_pool.PoolTimeout("couldn't get a connection after 5.00 sec")
+        result = await engine.drain(1.0)
+        assert _states(store) == {"received": 0, "processing": 2, "done": 0}
+        await stop_loops(loops)
+        return result
+
+    assert run(scenario()) == (0, 0)
+    assert [r.getMessage() for r in caplog.records] == ["drain_release_failed"]
