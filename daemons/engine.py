@@ -38,6 +38,10 @@ BACKOFF_MAX_S = 2.0
 # A done statement unanswered this long is an outage (health NOT_SERVING) before its
 # deadline runs out: a silent network looks like a slow statement until then.
 STALL_S = 3.0
+# A write outage ends with a success this long after its last failure: longer than the
+# done writer's longest backoff, so writes that keep failing between others that work
+# (a full disk) make one episode.
+DB_SETTLE_S = BACKOFF_MAX_S + 0.5
 FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished work
 
 In = TypeVar("In")
@@ -184,7 +188,13 @@ class Engine:
     def __post_init__(self) -> None:
         self.limiter = SlidingWindowLimiter(self.rate_limit, self.rate_period_s)
         self._idle.set()
-        self.db = Outage("db_write", log, on_change=self._db_changed)
+        self.db = Outage(
+            "db_write",
+            log,
+            on_change=self._db_changed,
+            settle_s=DB_SETTLE_S,
+            clock=lambda: asyncio.get_running_loop().time(),
+        )
         self.marker: Coalescer[int, TaskRow] = Coalescer(
             "mark-processing", self._mark_processing, self._start_work, self.db
         )

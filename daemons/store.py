@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, LiteralString, Protocol
+from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql
@@ -178,6 +179,25 @@ def session_conninfo(dsn: str, statement_timeout_s: float, lock_timeout_s: float
     )
     extra["options"] = f"{ours} {given['options']}" if given.get("options") else ours
     return make_conninfo(dsn, **extra)
+
+
+def single_host_url(dsn: str) -> str:
+    """`dsn` for tools that parse URLs themselves and take one host (yoyo): a URL naming
+    several (a primary and its standbys, target_session_attrs=read-write) becomes one
+    naming the host libpq connects to now, with the same user, password, database and
+    other parameters."""
+    params = conninfo_to_dict(dsn)
+    if "," not in str(params.get("host", "")):
+        return dsn
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        host, port = conn.info.host, conn.info.port
+    user = quote(str(params.pop("user", "")), safe="")
+    password = params.pop("password", None)
+    auth = f"{user}:{quote(str(password), safe='')}@" if password else f"{user}@" if user else ""
+    dbname = quote(str(params.pop("dbname", "")), safe="")
+    rest = {k: v for k, v in params.items() if k not in ("host", "port", "hostaddr")}
+    query = f"?{urlencode(rest)}" if rest else ""
+    return f"postgresql://{auth}{host}:{port}/{dbname}{query}"
 
 
 def pg_array(items: Iterable[int | float]) -> str:

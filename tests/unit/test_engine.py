@@ -207,13 +207,16 @@ def test_a_done_statement_without_reply_flips_health_before_its_deadline() -> No
 
     async def scenario() -> None:
         store = _SilentStore()
-        engine, loops = await start_engine(store, on_db_state=health.append, work_scale=0)
+        engine, loops = await start_engine(
+            store, probe_s=0.1, on_db_state=health.append, work_scale=0
+        )
         await engine.admit(await _tasks(store, [0], [1]))
         await asyncio.sleep(eng.STALL_S - 0.5)
         assert health == []
         await until(lambda: health == [False], 1.0)
         store.answer.set()
         await until(lambda: not engine.processing)
+        await until(lambda: health == [False, True], eng.DB_SETTLE_S + 1)  # the probe
         await stop_loops(loops)
 
     run(scenario())
