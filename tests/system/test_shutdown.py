@@ -62,9 +62,19 @@ def test_shutdown_stops_postgres_after_the_drained_daemons(tmp_path: Path) -> No
         assert out.returncode == 0, out.stdout + out.stderr
         sup.wait(90)
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait(10)
+        if sup.poll() is None:  # the test failed early: still stop PostgreSQL with it
+            subprocess.run(
+                [str(BIN / "supervisorctl"), "-c", str(conf), "shutdown"],
+                env=env,
+                capture_output=True,
+                timeout=30,
+            )
+            try:
+                sup.wait(60)
+            except subprocess.TimeoutExpired:
+                sup.kill()
+                sup.wait(10)
+        shutil.rmtree(pgroot, ignore_errors=True)
     events = (log / "supervisord.log").read_text()
     order = [
         line.split("stopped: ")[1].split()[0] for line in events.splitlines() if "stopped: " in line
@@ -76,4 +86,3 @@ def test_shutdown_stops_postgres_after_the_drained_daemons(tmp_path: Path) -> No
     assert "released_to_received=0 " not in stopped[-1], stopped[-1]  # work was given back
     assert "drain_release_failed" not in consumer and "Traceback" not in consumer
     assert "exit status 0" in events.split("stopped: consumer")[1].splitlines()[0], events
-    shutil.rmtree(pgroot, ignore_errors=True)
