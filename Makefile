@@ -49,11 +49,13 @@ run: $(STAMP) ## start the bundle under supervisord (CONSUMERS=n PRODUCERS=m to 
 	@echo "  curl -s 127.0.0.1:9102/metrics | grep ^tasks_    consumer metrics (producer: 9101)"
 	@echo "  make stop                    stop everything"
 
+# shutdown, not `stop all` (which signals every program at once, PostgreSQL too):
+# supervisord stops the programs in reverse priority, each once the one before has
+# stopped, so the daemons drain while the database still takes their writes.
 stop: ## stop the bundle gracefully (drain), then supervisord itself
 	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
-		$(SUPERVISORCTL) stop all; \
 		$(SUPERVISORCTL) shutdown >/dev/null; \
-		for i in $$(seq 1 100); do test -e var/run/supervisord.pid || break; sleep 0.2; done; \
+		for i in $$(seq 1 600); do test -e var/run/supervisord.pid || break; sleep 0.2; done; \
 		echo "bundle stopped"; \
 	else echo "bundle not running"; fi
 

@@ -35,7 +35,12 @@ class ConsumerApp:
     def __init__(self, settings: ConsumerSettings) -> None:
         self.settings = settings
         self.lifecycle = Lifecycle()
-        self.store = Store(settings.dsn(), pool_size=settings.db_pool_size, name="consumer")
+        self.store = Store(
+            settings.dsn(),
+            pool_size=settings.db_pool_size,
+            name="consumer",
+            **settings.store_options(),
+        )
         self.engine = Engine(
             self.store,
             rate_limit=settings.rate_limit,

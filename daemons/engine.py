@@ -25,7 +25,7 @@ from daemons.errors import Draining
 from daemons.limiter import FairLimiter, SlidingWindowLimiter
 from daemons.logs import fields
 from daemons.outage import Outage
-from daemons.store import TRANSIENT_ERRORS, TaskRow, TaskStore
+from daemons.store import TIMEOUT_ERRORS, TRANSIENT_ERRORS, TaskRow, TaskStore
 
 log = logging.getLogger("daemons.consumer")
 task_log = logging.getLogger("daemons.consumer.tasks")
@@ -37,6 +37,13 @@ DONE_FLUSH_ROWS = 2000  # ... unless this many finished tasks are waiting
 ADMIT_GAP_S = 0.002  # admission statements start at least 2 ms apart ...
 ADMIT_FULL = 64  # ... unless this many requests are waiting
 BACKOFF_MAX_S = 2.0
+# A done statement unanswered this long is an outage (health NOT_SERVING) before its
+# deadline runs out: a silent network looks like a slow statement until then.
+STALL_S = 3.0
+# A write outage ends with a success this long after its last failure: longer than the
+# done writer's longest backoff, so writes that keep failing between others that work
+# (a full disk) make one episode.
+DB_SETTLE_S = BACKOFF_MAX_S + 0.5
 FLUSH_GRACE_S = 5.0  # after the drain deadline, time left to write finished work
 
 In = TypeVar("In")
@@ -188,7 +195,13 @@ class Engine:
         limiter = FairLimiter if self.fair else SlidingWindowLimiter
         self.limiter = limiter(self.rate_limit, self.rate_period_s)
         self._idle.set()
-        self.db = Outage("db_write", log, on_change=self._db_changed)
+        self.db = Outage(
+            "db_write",
+            log,
+            on_change=self._db_changed,
+            settle_s=DB_SETTLE_S,
+            clock=lambda: asyncio.get_running_loop().time(),
+        )
         self.marker: Coalescer[int, TaskRow] = Coalescer(
             "mark-processing", self._mark_processing, self._start_work, self.db
         )
@@ -361,32 +374,52 @@ class Engine:
         """Group commit: one `done` statement for everything finished since the last one.
         While the database is away the finished work is kept and retried, never lost."""
         delay = 0.05
-        retried = False  # the last statement failed with its outcome unknown
+        # The first `unsure` finished rows were in a statement that failed with its
+        # outcome unknown: they are written with the retry's query until written.
+        unsure = 0
+        rows = MAX_ROWS_PER_STATEMENT
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
             while self._finished:
                 # Fewer, larger statements (one commit each), also while work trickles in.
                 await self._done_pace.wait(lambda: len(self._finished))
-                batch = self._finished[:MAX_ROWS_PER_STATEMENT]
+                batch = self._finished[:rows]
                 try:
                     won = set(
-                        await self.store.mark_done([row for row, _ in batch], retried=retried)
+                        await self._watched(
+                            self.store.mark_done([row for row, _ in batch], retried=unsure > 0)
+                        )
                     )
                 except TRANSIENT_ERRORS as exc:
                     # It may have committed with its reply lost: the retry (this batch
                     # leads the next one) also counts what it finds done under our
                     # attempts, so nothing is counted twice or missed.
                     self.db.failing(exc)
-                    retried = True
+                    unsure = max(unsure, len(batch))
+                    if isinstance(exc, TIMEOUT_ERRORS):
+                        # A batch that keeps timing out is split until it fits.
+                        rows = max(1, len(batch) // 2)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
                 self.db.ok()
-                delay, retried = 0.05, False
+                delay, unsure = 0.05, max(0, unsure - len(batch))
+                rows = min(MAX_ROWS_PER_STATEMENT, rows * 2)
                 del self._finished[: len(batch)]
                 metrics.batch_done.observe(len(batch))
                 self._record_done(batch, won)
+
+    async def _watched(self, write: Awaitable[R]) -> R:
+        """`write`, reported as an outage once it has gone unanswered for STALL_S."""
+        task = asyncio.ensure_future(write)
+        try:
+            finished, _ = await asyncio.wait({task}, timeout=STALL_S)
+            if not finished:
+                self.db.failing(f"no reply to a done statement for {STALL_S:.0f} s")
+            return await task
+        finally:
+            task.cancel()  # only if we were cancelled while it ran
 
     def _record_done(self, batch: list[tuple[TaskRow, float]], won: set[int]) -> None:
         sums, counts = self.sums, self.counts
@@ -455,7 +488,15 @@ class Engine:
                     handle.cancel()
                     rows.append(row)
             if rows:
-                released = len(await asyncio.shield(self.store.release_processing(rows)))
+                try:
+                    released = len(await asyncio.shield(self.store.release_processing(rows)))
+                except TRANSIENT_ERRORS as exc:
+                    # The database is away (or stopping first): the tasks stay
+                    # `processing`, and the lease sweep gives them back after its timeout.
+                    log.warning(
+                        "drain_release_failed",
+                        extra=fields(tasks=len(rows), error=str(exc).strip()[:300]),
+                    )
                 for row in rows:
                     self.processing.pop(row.id, None)
             if not self.processing:

@@ -24,7 +24,7 @@ from yoyo import get_backend, read_migrations
 from daemons import localdb, logs, schema_dir
 from daemons.errors import DaemonError
 from daemons.settings import CommonSettings, load, mask, secrets_in
-from daemons.store import count_stored_tasks, hand_over, wait_for_database
+from daemons.store import count_stored_tasks, hand_over, single_host_url, wait_for_database
 
 log = logging.getLogger("daemons.migrator")
 
@@ -58,7 +58,7 @@ class MigratorSettings(CommonSettings):
 
 def _backend(dsn: str) -> Any:
     # yoyo picks its driver from the URL scheme: psycopg 3 is "postgresql+psycopg".
-    _scheme, rest = dsn.split("://", 1)
+    _scheme, rest = single_host_url(dsn).split("://", 1)
     return get_backend(f"postgresql+psycopg://{rest}")
 
 

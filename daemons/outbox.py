@@ -150,7 +150,10 @@ class Outbox:
         self.generation_done = asyncio.Event()
         self.finished = asyncio.Event()  # with a total: all made, sent and done
         self.db_count = Outage("db_count", log)
-        self.db_insert = Outage("db_insert", log)
+        # The producer's writes count as database writes too (read-only, disk full, ...).
+        self.db_insert = Outage(
+            "db_insert", log, on_change=lambda ok: metrics.db_write_failing.set(0 if ok else 1)
+        )
         self.send_outage = Outage("send", log)
 
     # --- generation ------------------------------------------------------------------

@@ -34,7 +34,7 @@ class ProducerApp:
         token = s.auth_token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.lifecycle = Lifecycle()
-        self.store = Store(s.dsn(), pool_size=s.db_pool_size, name="producer")
+        self.store = Store(s.dsn(), pool_size=s.db_pool_size, name="producer", **s.store_options())
         self.outbox = Outbox(
             self.store,
             self._send,

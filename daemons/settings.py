@@ -52,6 +52,11 @@ def _port(default: int, what: str) -> Any:
     return Field(default, ge=0, le=65535, description=f"{what} port on HTTP_HOST (0 = off)")
 
 
+# Set by conf/supervisord.conf next to each daemon's stopwaitsecs, to the same value
+# (a unit test keeps them equal): supervisor SIGKILLs a daemon still draining after it.
+STOPWAIT_ENV = "SUPERVISOR_STOPWAITSECS"
+
+
 class CommonSettings(BaseSettings):
     """Settings both daemons share (each under its own prefix, except DATABASE_URL)."""
 
@@ -59,6 +64,9 @@ class CommonSettings(BaseSettings):
         env_file=ENV_FILE, extra="ignore", frozen=True, case_sensitive=False
     )
     prefix: ClassVar[str] = ""
+    # What a graceful stop takes beyond the drain timeout (closing the pool, 5 s, and
+    # for the consumer the RPC grace and the final flush): must fit in stopwaitsecs too.
+    stop_overhead_s: ClassVar[float] = 5.0
 
     database_url: str | None = Field(
         None,
@@ -82,6 +90,20 @@ class CommonSettings(BaseSettings):
     db_pool_size: int = Field(4, ge=1, le=100, description="database connections in the pool")
     db_connect_timeout: float = Field(
         60.0, gt=0, description="seconds to wait for the database at start-up before giving up"
+    )
+    db_statement_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a statement may run before PostgreSQL cancels it (a transient"
+        " error, retried); no reply 5 s after that drops the connection as silent",
+    )
+    db_lock_timeout: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="seconds a statement waits for a lock before giving up and retrying,"
+        " so a transaction held open elsewhere cannot stop the pipeline",
     )
     http_host: str = Field(LOCAL_HOST, description="address the metrics and profiling ports bind")
     # --- side ports held to account (issue 16) ---
@@ -139,6 +161,21 @@ class CommonSettings(BaseSettings):
                     shifted[name] = f"{host}{colon}{int(port) + step * int(instance)}"
         return shifted
 
+    @field_validator("drain_timeout")
+    @classmethod
+    def _fits_supervisor(cls, value: float) -> float:
+        """Under supervisor, a drain longer than its stopwaitsecs ends in SIGKILL: refused
+        at start instead."""
+        stopwait = os.environ.get(STOPWAIT_ENV, "")
+        if stopwait and value + cls.stop_overhead_s > float(stopwait):
+            raise ValueError(
+                f"at most {float(stopwait) - cls.stop_overhead_s:g} s under supervisor, whose"
+                f" stopwaitsecs={stopwait} must cover the drain and {cls.stop_overhead_s:g} s"
+                " of stopping; raise stopwaitsecs (and SUPERVISOR_STOPWAITSECS beside it)"
+                " in conf/supervisord.conf first"
+            )
+        return value
+
     @field_validator("tasks_retention", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
@@ -160,6 +197,13 @@ class CommonSettings(BaseSettings):
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("expected a postgresql:// URL")
         return value or None
+
+    def store_options(self) -> dict[str, float]:
+        """What daemons.store.Store takes from the settings besides the URL."""
+        return {
+            "statement_timeout_s": self.db_statement_timeout,
+            "lock_timeout_s": self.db_lock_timeout,
+        }
 
     def dsn(self) -> str:
         from daemons import localdb
@@ -236,6 +280,8 @@ class ProducerSettings(CommonSettings):
 class ConsumerSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="CONSUMER_")
     prefix: ClassVar[str] = "CONSUMER_"
+    # RPC grace (2 s), flush of finished work (5 s), closing the pool (5 s).
+    stop_overhead_s: ClassVar[float] = 12.0
 
     listen: str = Field(
         "127.0.0.1:50051", pattern=r"^.+:\d{1,5}$", description="gRPC listen address host:port"

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, LiteralString, Protocol
+from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from daemons import schema_dir
@@ -25,12 +27,46 @@ from daemons.logs import fields
 
 log = logging.getLogger(__name__)
 
+
+class NoReply(psycopg.OperationalError):
+    """A statement got no answer within its deadline: the network (or the server) went
+    silent. The connection is dropped and the pool's idle ones replaced."""
+
+
 # Errors that mean "the database is away for now", as opposed to a bug in a query.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,  # includes AdminShutdown (pg_terminate_backend, restarts)
+    # Includes AdminShutdown (pg_terminate_backend, restarts), QueryCanceled (statement
+    # timeout), LockNotAvailable (lock timeout), DiskFull, and NoReply.
+    psycopg.OperationalError,
     psycopg.InterfaceError,  # a connection that died under us
     PoolTimeout,  # no connection could be had in time (outage, exhaustion)
+    # A standby not yet promoted, or a database set read-only by an operator: wait for
+    # a primary (with target_session_attrs=read-write, a reconnect finds it).
+    psycopg.errors.ReadOnlySqlTransaction,
 )
+# Errors after which the pool's connections are not worth keeping: a read-only session
+# stays read-only, and connections that went silent all went silent together.
+RECONNECT_ERRORS = (psycopg.errors.ReadOnlySqlTransaction, NoReply)
+# Errors a smaller or later statement may avoid: the done writer splits its batch.
+TIMEOUT_ERRORS = (psycopg.errors.QueryCanceled, NoReply)
+RECONNECT_EVERY_S = 1.0  # the pool is emptied at most this often
+
+# libpq parameters every connection gets unless the URL sets them itself, so a peer that
+# vanished is noticed in seconds: the kernel's defaults wait two hours before the first
+# keepalive, and about fifteen minutes of retransmissions before giving up on a write.
+TCP_PARAMS = {
+    "connect_timeout": "5",  # per host: a multi-host URL moves on to the next one
+    "keepalives": "1",
+    "keepalives_idle": "10",  # s idle before the first probe ...
+    "keepalives_interval": "3",  # ... then a probe every 3 s ...
+    "keepalives_count": "3",  # ... and the connection is dead after 3 unanswered
+    "tcp_user_timeout": "20000",  # ms sent data may stay unacknowledged
+}
+# A reply later than statement_timeout plus this is not coming (the server would have
+# cancelled the statement and said so): the connection is dropped. Covers what TCP
+# cannot see, a peer whose kernel acknowledges and then forwards nothing (a proxy, a
+# hung server).
+REPLY_GRACE_S = 5.0
 
 POOL_WAIT_S = 5.0  # a caller waits this long for a connection before a transient error
 QUIET_WAIT_S = 10.0  # waiting for the database this long at start-up is normal
@@ -38,7 +74,9 @@ QUIET_WAIT_S = 10.0  # waiting for the database this long at start-up is normal
 # statement with a serialization error instead of skipping the row; the transitions are
 # conditional, so running the statement again is safe and gives the usual outcome.
 MOVED_ROW_RETRIES = 5
-MAINTENANCE_STATEMENT_TIMEOUT = "30s"  # DETACH ... CONCURRENTLY waits for old snapshots
+MAINTENANCE_STATEMENT_TIMEOUT_S = 30  # DETACH ... CONCURRENTLY waits for old snapshots
+# A maintenance pass runs a handful of statements; past this it is dropped as silent.
+MAINTENANCE_PASS_DEADLINE_S = 4 * (MAINTENANCE_STATEMENT_TIMEOUT_S + REPLY_GRACE_S)
 DEFAULT_PARTITION_S = 3600.0  # done partitions made on demand before maintenance ran
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
@@ -175,6 +213,43 @@ async def hand_over(dsn: str, role: str) -> int:
     return moved
 
 
+def session_conninfo(dsn: str, statement_timeout_s: float, lock_timeout_s: float) -> str:
+    """`dsn` with the TCP parameters it lacks and the daemons' session timeouts (as
+    `options`, applied at connection start with no extra round trip; options already in
+    the URL come after ours, so they win). Any libpq URL works, several hosts included."""
+    given = conninfo_to_dict(dsn)
+    extra: dict[str, Any] = {k: v for k, v in TCP_PARAMS.items() if k not in given}
+    # A session whose client went silent inside a transaction would hold its locks until
+    # the server's own keepalives noticed; this ends it once no reply can be awaited.
+    idle_s = statement_timeout_s + REPLY_GRACE_S
+    ours = (
+        f"-c statement_timeout={round(statement_timeout_s * 1000)}"
+        f" -c lock_timeout={round(lock_timeout_s * 1000)}"
+        f" -c idle_in_transaction_session_timeout={round(idle_s * 1000)}"
+    )
+    extra["options"] = f"{ours} {given['options']}" if given.get("options") else ours
+    return make_conninfo(dsn, **extra)
+
+
+def single_host_url(dsn: str) -> str:
+    """`dsn` for tools that parse URLs themselves and take one host (yoyo): a URL naming
+    several (a primary and its standbys, target_session_attrs=read-write) becomes one
+    naming the host libpq connects to now, with the same user, password, database and
+    other parameters."""
+    params = conninfo_to_dict(dsn)
+    if "," not in str(params.get("host", "")):
+        return dsn
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        host, port = conn.info.host, conn.info.port
+    user = quote(str(params.pop("user", "")), safe="")
+    password = params.pop("password", None)
+    auth = f"{user}:{quote(str(password), safe='')}@" if password else f"{user}@" if user else ""
+    dbname = quote(str(params.pop("dbname", "")), safe="")
+    rest = {k: v for k, v in params.items() if k not in ("host", "port", "hostaddr")}
+    query = f"?{urlencode(rest)}" if rest else ""
+    return f"postgresql://{auth}{host}:{port}/{dbname}{query}"
+
+
 def pg_array(items: Iterable[int | float]) -> str:
     """A numeric array as PostgreSQL's text literal, cast in SQL (`%(ids)s::bigint[]`):
     joining in C is several times cheaper than adapting a list element by element,
@@ -276,12 +351,22 @@ class Store:
     database with backoff and raises DatabaseUnavailable with the reason after
     `connect_timeout` seconds."""
 
-    def __init__(self, dsn: str, *, pool_size: int = 4, name: str = "daemons") -> None:
-        self.dsn = dsn
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 4,
+        name: str = "daemons",
+        statement_timeout_s: float = 10.0,
+        lock_timeout_s: float = 2.0,
+    ) -> None:
+        self.dsn = session_conninfo(dsn, statement_timeout_s, lock_timeout_s)
+        self.reply_deadline_s = statement_timeout_s + REPLY_GRACE_S
+        self._reconnected_at = -RECONNECT_EVERY_S
         # Width of done partitions made on demand (maintenance sets the configured one).
         self.partition_s = DEFAULT_PARTITION_S
         self.pool = AsyncConnectionPool(
-            dsn,
+            self.dsn,
             min_size=min(2, pool_size),
             max_size=pool_size,
             open=False,
@@ -306,12 +391,31 @@ class Store:
     def stats(self) -> dict[str, int]:
         return self.pool.get_stats()
 
+    async def _reconnect(self) -> None:
+        """Replace the pool's idle connections (those in use are replaced when they come
+        back), at most once a second however many statements fail meanwhile."""
+        now = time.monotonic()
+        if now - self._reconnected_at >= RECONNECT_EVERY_S:
+            self._reconnected_at = now
+            await self.pool.drain()
+
     async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         for attempt in range(MOVED_ROW_RETRIES):
             try:
                 async with self.pool.connection() as conn:
-                    cur = await conn.execute(q(name), params)
-                    return await cur.fetchall()
+                    try:
+                        # On expiry psycopg asks the server to cancel, waits a little and
+                        # closes the connection: the pool then replaces it.
+                        async with asyncio.timeout(self.reply_deadline_s):
+                            cur = await conn.execute(q(name), params)
+                            return await cur.fetchall()
+                    except TimeoutError:
+                        raise NoReply(
+                            f"{name}: no reply from the database in {self.reply_deadline_s:.0f} s"
+                        ) from None
+            except RECONNECT_ERRORS:
+                await self._reconnect()
+                raise
             except psycopg.errors.SerializationFailure:
                 if attempt == MOVED_ROW_RETRIES - 1:
                     raise
@@ -428,13 +532,13 @@ class Store:
         return int(rows[0][0])
 
     async def count_by_state(self) -> dict[str, int]:
-        """Tasks per state from the trigger-maintained counts: one row, no scan."""
+        """Tasks per state from the trigger-maintained counts: 16 shards, no scan."""
         rows = await self._rows("count_by_state", {})
         received, processing, done = rows[0]
         return {"received": int(received), "processing": int(processing), "done": int(done)}
 
     async def done_totals_by_type(self) -> dict[int, tuple[int, int]]:
-        """{type: (count, value sum)} of every task ever done, from the rollup (ten rows,
+        """{type: (count, value sum)} of every task ever done, from the rollup (160 rows,
         untouched by retention): seeds the running sums at start-up in constant time."""
         rows = await self._rows("done_totals_by_type", {})
         return {int(t): (int(n), int(s)) for t, n, s in rows}
@@ -464,6 +568,16 @@ class Store:
         all) detached without blocking writers and dropped, then a vacuum of the hot
         table. Only done partitions are ever removed, so no unfinished task can be."""
         report = MaintenanceReport()
+        try:
+            async with asyncio.timeout(MAINTENANCE_PASS_DEADLINE_S):
+                await self._maintain_pass(width_s, ahead_s, retention_s, report)
+        except TimeoutError:
+            raise NoReply(f"maintenance: no reply in {MAINTENANCE_PASS_DEADLINE_S:.0f} s") from None
+        return report
+
+    async def _maintain_pass(
+        self, width_s: float, ahead_s: float, retention_s: float, report: MaintenanceReport
+    ) -> None:
         async with self.pool.connection() as conn:
             got = await (await conn.execute(q("maintenance_lock"))).fetchone()
             if got and got[0]:
@@ -471,7 +585,7 @@ class Store:
                 try:
                     await conn.execute(
                         sql.SQL("SET statement_timeout = {}").format(
-                            sql.Literal(MAINTENANCE_STATEMENT_TIMEOUT)
+                            sql.Literal(f"{MAINTENANCE_STATEMENT_TIMEOUT_S}s")
                         )
                     )
                     await self._maintain(conn, width_s, ahead_s, retention_s, report)
@@ -482,7 +596,6 @@ class Store:
             report.db_now = float(now[0]) if now else time.time()
             cur = await conn.execute(q("done_partitions"))
             report.partitions = [Partition(*r) for r in await cur.fetchall()]
-        return report
 
     async def _maintain(
         self,
@@ -528,7 +641,7 @@ class Store:
             cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident))
             row = await cur.fetchone()
             n = int(row[0]) if row else 0
-            await conn.execute("UPDATE task_counts SET done = done - %(n)s WHERE id = 1", {"n": n})
+            await conn.execute(q("take_off_done"), {"n": n})
             await conn.execute(sql.SQL("DROP TABLE {}").format(ident))
         report.dropped.append(name)
         report.dropped_rows += n

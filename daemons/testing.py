@@ -62,14 +62,14 @@ class InMemoryStore:
             raise self.lose_reply_error
 
     def _current(self, rows: Iterable[TaskRow]) -> list[StoredTask]:
-        """The `processing` tasks still under the attempt each row holds (a repeated id
-        counts once, as in SQL)."""
-        out = []
-        for row in {r.id: r for r in reversed(list(rows))}.values():
+        """The `processing` tasks still under the attempt a row holds. As in SQL, an id
+        given twice (an older and a newer attempt) matches by its current attempt, once."""
+        out: dict[int, StoredTask] = {}
+        for row in rows:
             task = self.tasks.get(row.id)
             if task is not None and task.state == "processing" and task.attempt == row.attempt:
-                out.append(task)
-        return out
+                out[row.id] = task
+        return list(out.values())
 
     def _count_done(self, task: StoredTask) -> None:
         total = self.totals[task.row.type]
@@ -171,9 +171,11 @@ class InMemoryStore:
         self._maybe_fail()
         already = []
         if retried:  # done earlier under the same attempt: by the write being retried
-            for row in {r.id: r for r in rows}.values():
+            for row in rows:
                 task = self.tasks.get(row.id)
-                if task is not None and task.state == "done" and task.attempt == row.attempt:
+                if task is None or task.state != "done" or row.id in already:
+                    continue
+                if task.attempt == row.attempt:
                     already.append(row.id)
         won = self._current(rows)
         now = self.clock()

@@ -235,7 +235,7 @@ def check(phase: Phase, conn: psycopg.Connection[Any]) -> tuple[dict[str, int], 
         if role(name) == "producer"
     }
     idle_by = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < idle_by and one(conn, "SELECT processing FROM task_counts"):
+    while time.monotonic() < idle_by and one(conn, "SELECT sum(processing) FROM task_counts"):
         time.sleep(0.2)
     counted = sum(metric_sum(url, "tasks_done_total") or 0 for url in phase.done_urls)
     # Lifetime done (the rollup): retention may have removed rows in the meantime.

@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 
+import psycopg
 import pytest
 
 from daemons import store as store_module
@@ -110,7 +111,12 @@ def test_rolling_back_0001_with_tasks_stored_needs_drop_tasks(db_url: str) -> No
             [str(BIN / "migrator"), "down", *args], env=env, capture_output=True, text=True
         )
 
-    for expected in ("0003_add_comment", "0004_task_attempts", "0002_partition_tasks"):
+    for expected in (
+        "0005_shard_counts",
+        "0003_add_comment",
+        "0004_task_attempts",
+        "0002_partition_tasks",
+    ):
         out = down()
         assert out.returncode == 0 and f"id={expected}" in out.stderr, out.stderr
     refused = down()
@@ -119,3 +125,27 @@ def test_rolling_back_0001_with_tasks_stored_needs_drop_tasks(db_url: str) -> No
     assert states(db_url)["received"] == 1  # nothing changed
     assert down("--drop-tasks").returncode == 0
     assert sql(db_url, "SELECT to_regclass('tasks')") == [(None,)]
+
+
+async def test_sessions_carry_the_timeouts_and_a_lock_wait_is_transient(db_url: str) -> None:
+    store = Store(db_url, pool_size=1, name="test", statement_timeout_s=3, lock_timeout_s=0.2)
+    await store.open(10)
+    try:
+        async with store.pool.connection() as conn:
+            shown = [
+                (await (await conn.execute(f"SHOW {name}")).fetchone() or ("",))[0]
+                for name in ("statement_timeout", "lock_timeout")
+            ]
+        assert shown == ["3s", "200ms"]
+        rows = await store.insert_batch([0], [1], [time.time()])
+        # Someone holds the row: the transition gives up after the lock timeout, with
+        # an error the engines retry, instead of queueing behind them.
+        with psycopg.connect(db_url) as holder:
+            holder.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (rows[0].id,))
+            t0 = time.monotonic()
+            with pytest.raises(store_module.TRANSIENT_ERRORS):
+                await store.mark_processing([rows[0].id])
+            assert time.monotonic() - t0 < 2
+        assert [r.id for r in await store.mark_processing([rows[0].id])] == [rows[0].id]
+    finally:
+        await store.close()

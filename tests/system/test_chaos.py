@@ -285,22 +285,28 @@ def test_migration_up_and_down_under_load(cluster: PrivatePostgres, tmp_path: Pa
                 )
                 assert out.returncode == 0, out.stderr
 
-    # Six migrator runs take ~10 s on a loaded machine: the load must outlast them.
+    # Six migrator runs of 1-2 s each (0005 waits for the writers in flight): a larger
+    # total keeps the load on throughout.
     run_scenario("migration_flip", cluster, tmp_path, inject, total=12000)
 
 
-def test_print_summary() -> None:
-    """Runs last in this module: the per-scenario table for the record."""
+def summary_table(results: list[Result]) -> str:
+    """The chaos summary's rows (also tests/system/test_chaos_db.py's)."""
     lines = [
         f"{'scenario':18} {'produced':>8} {'done':>6} {'lost':>5} {'double':>6} {'recovery_s':>10}"
         f" {'starts':>7}  in flight at each injection"
     ]
-    for r in RESULTS:
+    for r in results:
         lines.append(
             f"{r.scenario:18} {r.produced:8d} {r.done:6d} {r.lost:5d} {r.double_counted:6d}"
             f" {r.recovery_s:10.2f} {r.starts:>7}  {r.in_flight}"
         )
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def test_print_summary() -> None:
+    """Runs last in this module: the per-scenario table for the record."""
+    text = summary_table(RESULTS)
     print("\nchaos summary\n" + text)
     Path(__file__).resolve().parents[2].joinpath("profiles", "chaos-summary.txt").write_text(
         text + "\n"

@@ -421,10 +421,11 @@ def test_oversized_messages_and_cancellation(bundle: Bundle, roomy) -> None:  # 
     stamp = time.time() - 60.0
     future = stub.SubmitBatch.future(marked_batch(10, stamp), timeout=10)
     future.cancel()
-    # Whatever a cancelled call managed to register is still worked to `done`. Give the
-    # server a moment to register it first: "nothing processing" also holds before the
-    # rows land, and under load that raced (10 rows found `processing` just after).
-    time.sleep(1.0)
+    # A call behind it through the same registration writer: once it is answered, what
+    # the cancelled call registered (if anything) is in (polling at once raced it).
+    after = stub.Submit(S.SubmitRequest(task=S.Task(type=1, value=1)), timeout=5)
+    assert after.status == S.TASK_STATUS_ACCEPTED
+    # Whatever a cancelled call managed to register is still worked to `done`.
     wait_until(lambda: states(bundle.db_url)["processing"] == 0, 10, "no stuck work")
     check_whole_and_done(bundle.db_url, stamp, 10, answered=False)
 

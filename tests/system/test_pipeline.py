@@ -145,6 +145,11 @@ def test_a_migration_behind_a_long_transaction_does_not_stall_the_pipeline(
     bundle.consumer(CONSUMER_WORK_SCALE="0.1")
     producer = bundle.producer(PRODUCER_RATE="500")
     wait_until(lambda: states(bundle.db_url)["done"] >= 200, 20, "tasks flowing")
+    # 0005 first (it does not touch `tasks`), so that the next down is 0003's.
+    first = subprocess.run(
+        [str(BIN / "migrator"), "down"], env=bundle.env(), capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
     with psycopg.connect(bundle.db_url) as reader:
         reader.execute("SELECT count(*) FROM tasks").fetchone()  # holds its lock until rollback
         migrator = subprocess.Popen(
@@ -180,12 +185,13 @@ def test_a_migration_behind_a_long_transaction_does_not_stall_the_pipeline(
     assert producer.wait(15) == 0
 
 
-def test_migration_0003_applied_and_rolled_back_while_running(bundle: Bundle) -> None:
+def test_migrations_0003_and_0005_applied_and_rolled_back_while_running(bundle: Bundle) -> None:
     consumer = bundle.consumer(CONSUMER_WORK_SCALE="0.1")
     producer = bundle.producer(PRODUCER_RATE="500")
     env = bundle.env()
     for _ in range(2):
-        for step in (["down"], ["up"]):
+        # 0005 (counts in shards), then 0003 (comment), back, and up again: both.
+        for step in (["down"], ["down"], ["up", "--one"], ["up"]):
             before = states(bundle.db_url)["done"]
             out = subprocess.run(
                 [str(BIN / "migrator"), *step], env=env, capture_output=True, text=True, timeout=60

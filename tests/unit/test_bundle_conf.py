@@ -13,6 +13,7 @@ from daemons.bundle import (
     supervisor_conf,
     write_scrape_targets,
 )
+from daemons.settings import STOPWAIT_ENV, ConsumerSettings, ProducerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,3 +97,32 @@ def test_make_prometheus_describes_the_rules_and_alerts() -> None:
         "firing: none",
         "pending: none",
     ]
+
+
+def test_stop_order_and_stop_budgets(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL starts first and stops last (supervisord's shutdown stops programs in
+    reverse priority, each after the one before); each daemon is told its stopwaitsecs
+    (SUPERVISOR_STOPWAITSECS), so that a drain timeout it cannot honour is refused at
+    start, and its default drain fits."""
+    monkeypatch.setenv("EXTRA_CONSUMERS", "2")
+    monkeypatch.setenv("EXTRA_PRODUCERS", "1")
+    path = tmp_path / "supervisord.conf"
+    path.write_text(supervisor_conf(root, local_db=True, prometheus=False, scaled=True))
+    opts = ServerOptions()
+    opts.configfile = str(path)
+    opts.process_config(do_usage=False)
+    procs = {p.name: p for g in opts.process_group_configs for p in g.process_configs}
+    priority = {name: p.priority for name, p in procs.items()}
+    assert priority["postgres"] < priority["migrate"] < priority["consumer"]
+    assert priority["consumer"] < priority["producer"]
+    settings = {"consumer": ConsumerSettings, "producer": ProducerSettings}
+    for name, p in procs.items():
+        daemon = name.split("_")[0]
+        if daemon not in settings:
+            continue
+        assert p.environment and p.environment[STOPWAIT_ENV] == str(p.stopwaitsecs), name
+        cls = settings[daemon]
+        default = cls.model_fields["drain_timeout"].default
+        assert default + cls.stop_overhead_s <= p.stopwaitsecs, name

@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import psycopg
+import psycopg_pool
 import pytest
 
 from daemons import engine as eng
 from daemons.engine import NewTask, TaskStatus
 from daemons.errors import Draining
+from daemons.store import TaskRow
 from daemons.testing import InMemoryStore
 from tests.engines import start_engine, stop_loops, until
 from tests.virtual_clock import run
@@ -227,3 +230,122 @@ def test_a_new_task_retried_with_its_key_is_made_once() -> None:
     engine, store = run(scenario())
     assert len(store.tasks) == 2 and _states(store)["done"] == 2
     assert engine.counts[8] == 2 and engine.sums[8] == 42
+
+
+class _TimingOutStore(InMemoryStore):
+    """`mark_done` of more than `fits` ids times out (a statement too big for its
+    statement_timeout); the sizes it was asked for are kept."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+        self.sizes: list[int] = []
+
+    async def mark_done(self, rows: Sequence[TaskRow], *, retried: bool = False) -> list[int]:
+        self.sizes.append(len(rows))
+        if len(rows) > self.fits:
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return await super().mark_done(rows, retried=retried)
+
+
+def test_the_done_writer_splits_a_batch_that_keeps_timing_out() -> None:
+    async def scenario() -> _TimingOutStore:
+        store = _TimingOutStore(fits=100)
+        engine, loops = await start_engine(store, work_scale=0)
+        _, statuses = await engine.admit(await _tasks(store, [0] * 1000, [1] * 1000))
+        assert statuses == [ACCEPTED] * 1000
+        await until(lambda: not engine.processing, 60)
+        assert engine.done_total == 1000 and _states(store)["done"] == 1000
+        await stop_loops(loops)
+        return store
+
+    store = run(scenario())
+    assert store.sizes[:4] == [1000, 500, 250, 125] and max(store.sizes[4:]) <= 200
+
+
+class _SilentStore(InMemoryStore):
+    """`mark_done` hangs (no reply) until `answer` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+
+    async def mark_done(self, rows: Sequence[TaskRow], *, retried: bool = False) -> list[int]:
+        await self.answer.wait()
+        return await super().mark_done(rows, retried=retried)
+
+
+def test_a_done_statement_without_reply_flips_health_before_its_deadline() -> None:
+    health: list[bool] = []
+
+    async def scenario() -> None:
+        store = _SilentStore()
+        engine, loops = await start_engine(
+            store, probe_s=0.1, on_db_state=health.append, work_scale=0
+        )
+        await engine.admit(await _tasks(store, [0], [1]))
+        await asyncio.sleep(eng.STALL_S - 0.5)
+        assert health == []
+        await until(lambda: health == [False], 1.0)
+        store.answer.set()
+        await until(lambda: not engine.processing)
+        await until(lambda: health == [False, True], eng.DB_SETTLE_S + 1)  # the probe
+        await stop_loops(loops)
+
+    run(scenario())
+    assert health == [False, True]
+
+
+class _FailingDoneStore(InMemoryStore):
+    """`mark_done` fails (a transient error) while `failing` is set."""
+
+    failing = False
+
+    async def mark_done(self, rows: Sequence[TaskRow], *, retried: bool = False) -> list[int]:
+        if self.failing:
+            raise psycopg.OperationalError("terminating connection due to administrator")
+        return await super().mark_done(rows, retried=retried)
+
+
+def test_a_task_delivered_again_while_held_is_counted_once() -> None:
+    async def scenario() -> tuple[eng.Engine, InMemoryStore]:
+        store = _FailingDoneStore()
+        engine, loops = await start_engine(store, work_scale=10)  # 1 s and 0.5 s of work
+        tasks = await _tasks(store, [1, 2], [100, 50])
+        store.failing = True  # the done writer retries its batch meanwhile
+        await engine.admit(tasks)
+        await asyncio.sleep(0.6)  # task 2 finished, its write waits; task 1 is at work
+        # Both leases are reclaimed and delivered again to this same consumer.
+        store.backdate(60)
+        assert len(await store.reclaim_expired(30, 10)) == 2
+        _, statuses = await engine.admit(tasks)
+        assert statuses == [ACCEPTED] * 2
+        await asyncio.sleep(1.5)  # the second deliveries' work finishes too
+        store.failing = False
+        await until(lambda: not engine.processing)
+        await asyncio.sleep(2.0)  # every timer, the first delivery's too, has fired
+        await stop_loops(loops)
+        return engine, store
+
+    engine, store = run(scenario())
+    assert engine.done_total == 2 and engine.counts[1:3] == [1, 1]
+    assert engine.sums[1:3] == [100, 50] and store.totals[1] == [1, 100]
+
+
+def test_drain_survives_a_database_that_is_gone(caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL stopping first (or away): unfinished work cannot be given back, so it
+    stays `processing` for the lease sweep, and the drain still ends."""
+    caplog.set_level(logging.WARNING)
+
+    async def scenario() -> tuple[int, int]:
+        store = InMemoryStore()
+        engine, loops = await start_engine(store, work_scale=100)  # 5 s of work
+        await engine.admit(await _tasks(store, [0, 0], [50, 50]))
+        store.fail = psycopg_pool.PoolTimeout("couldn't get a connection after 5.00 sec")
+        result = await engine.drain(1.0)
+        assert _states(store) == {"received": 0, "processing": 2, "done": 0}
+        await stop_loops(loops)
+        return result
+
+    assert run(scenario()) == (0, 0)
+    assert [r.getMessage() for r in caplog.records] == ["drain_release_failed"]

@@ -30,3 +30,20 @@ def test_an_episode_is_logged_once_at_each_end(caplog: pytest.LogCaptureFixture)
 def test_a_long_error_is_cut(caplog: pytest.LogCaptureFixture) -> None:
     Outage("send", logging.getLogger("test.outage")).failing("x" * 5000)
     assert len(_events(caplog)[0][1]["error"]) == 300  # type: ignore[arg-type]
+
+
+def test_an_episode_ends_only_once_failures_have_settled(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    now = [0.0]
+    edges: list[bool] = []
+    outage = Outage("db_write", logging.getLogger("test.outage"), edges.append, 1.0, lambda: now[0])
+    for t in (0.0, 0.5, 1.2):  # failures and successes interleaved: one episode
+        now[0] = t
+        outage.failing("disk full")
+        now[0] = t + 0.1
+        outage.ok()
+    assert outage.active and edges == [False]
+    now[0] = 2.3
+    outage.ok()
+    assert not outage.active and edges == [False, True]
+    assert [r.getMessage() for r in caplog.records] == ["db_write_failing", "db_write_recovered"]

@@ -40,16 +40,16 @@ def test_every_named_query_is_loaded_and_names_its_columns() -> None:
 def test_migrations_have_rollbacks() -> None:
     mig = schema_dir() / "migrations"
     ups = sorted(p for p in mig.glob("*.sql") if not p.name.endswith(".rollback.sql"))
-    assert [p.name[:4] for p in ups] == ["0001", "0002", "0003", "0004"]
+    assert [p.name[:4] for p in ups] == ["0001", "0002", "0003", "0004", "0005"]
     for up in ups:
         assert up.with_name(up.stem + ".rollback.sql").exists()
-    # One chain, with the live migration (0003, which comes and goes while the daemons
-    # run) last, so `migrator down` never takes a column the daemons' queries need.
+    # One chain, the migrations that come and go while the daemons run (0003, 0005) last,
+    # so `migrator down` never takes a column the daemons' queries need (0004's).
     depends = {
         up.stem[:4]: up.read_text().splitlines()[0].removeprefix("-- depends: ")[:4]
         for up in ups[1:]
     }
-    assert depends == {"0002": "0001", "0004": "0002", "0003": "0004"}
+    assert depends == {"0002": "0001", "0004": "0002", "0003": "0004", "0005": "0003"}
 
 
 @pytest.mark.parametrize(
@@ -108,3 +108,24 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     names = ["tasks_pb2.py", "tasks_pb2.pyi", "tasks_pb2_grpc.py"]
     _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
     assert not mismatch and not errors, f"stale stubs {mismatch + errors}: run `make proto_gen`"
+
+
+def test_every_connection_gets_tcp_timeouts_and_the_session_timeouts() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from daemons.store import TCP_PARAMS, session_conninfo
+
+    url = "postgresql://u@h1:5432,h2:5433/tasks?target_session_attrs=read-write"
+    got = conninfo_to_dict(session_conninfo(url, 10.0, 2.5))
+    assert got["host"] == "h1,h2" and got["port"] == "5432,5433"
+    assert got["target_session_attrs"] == "read-write"
+    assert {k: got[k] for k in TCP_PARAMS} == TCP_PARAMS
+    assert got["options"] == (
+        "-c statement_timeout=10000 -c lock_timeout=2500"
+        " -c idle_in_transaction_session_timeout=15000"
+    )
+    # What the URL says itself is kept: its own TCP settings, and its options after ours.
+    own = "postgresql://u@h/tasks?keepalives_idle=60&options=-c%20lock_timeout%3D9s"
+    got = conninfo_to_dict(session_conninfo(own, 10.0, 2.0))
+    assert got["keepalives_idle"] == "60"
+    assert got["options"].endswith(" -c lock_timeout=9s")

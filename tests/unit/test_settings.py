@@ -1,7 +1,14 @@
 import pytest
 
 from daemons.errors import SettingsError
-from daemons.settings import ConsumerSettings, ProducerSettings, explain, load, mask
+from daemons.settings import (
+    STOPWAIT_ENV,
+    ConsumerSettings,
+    ProducerSettings,
+    explain,
+    load,
+    mask,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -114,3 +121,18 @@ def test_instance_n_shifts_its_ports_and_the_settings_stay_frozen(
     monkeypatch.setenv("CONSUMER_INSTANCE", "x")
     with pytest.raises(SettingsError, match="CONSUMER_INSTANCE='x'"):
         load(ConsumerSettings)
+
+
+def test_a_drain_longer_than_supervisor_waits_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STOPWAIT_ENV, "30")
+    monkeypatch.setenv("CONSUMER_DRAIN_TIMEOUT", "60")
+    with pytest.raises(SettingsError) as err:
+        load(ConsumerSettings)
+    assert str(err.value).startswith("invalid CONSUMER_DRAIN_TIMEOUT='60': accepted: at most 18 s")
+    monkeypatch.setenv("CONSUMER_DRAIN_TIMEOUT", "18")
+    assert load(ConsumerSettings).drain_timeout == 18
+    monkeypatch.setenv("PRODUCER_DRAIN_TIMEOUT", "26")
+    with pytest.raises(SettingsError, match="PRODUCER_DRAIN_TIMEOUT='26'"):
+        load(ProducerSettings)
+    monkeypatch.delenv(STOPWAIT_ENV)  # not under supervisor: up to the daemon's own limit
+    assert load(ProducerSettings).drain_timeout == 26
