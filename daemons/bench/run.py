@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from daemons.bench.cluster import PostgresDidNotStart, PrivatePostgres
 from daemons.bench.private import PrivateBundle
@@ -81,7 +82,7 @@ class Run:
         its million updated rows during the next phase and takes CPU from it."""
         assert self.pg is not None
         bundle.stop()
-        self.pg.drop_database(bundle.db_url.rsplit("/", 1)[1])
+        self.pg.drop_database(str(conninfo_to_dict(bundle.db_url)["dbname"]))
 
     def close(self) -> None:
         # py-spy writes what it has on SIGINT; the RPC generators just stop.

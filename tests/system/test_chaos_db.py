@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -28,7 +30,6 @@ from tests.conftest import BIN, need, sql, states
 from tests.system.harness import Bundle, Supervisor, wait_until
 from tests.system.test_chaos import (
     RESULTS,
-    Cluster,
     _in_flight,
     cluster,
     run_scenario,
@@ -117,7 +118,7 @@ class SilentProxy:
 
 
 @pytest.fixture
-def proxy(cluster: Cluster) -> Iterator[SilentProxy]:
+def proxy(cluster: PrivatePostgres) -> Iterator[SilentProxy]:
     p = SilentProxy(cluster.port)
     yield p
     p.close()
@@ -127,7 +128,7 @@ def _events(log: str, event: str) -> list[str]:
     return [line for line in log.splitlines() if f" {event} " in f"{line} "]
 
 
-def test_blackhole(cluster: Cluster, proxy: SilentProxy, tmp_path: Path) -> None:
+def test_blackhole(cluster: PrivatePostgres, proxy: SilentProxy, tmp_path: Path) -> None:
     # The daemons (and this test) reach the cluster through the proxy.
     through_proxy = PrivatePostgres(cluster.root, port=proxy.port)
     cut: list[float] = []
@@ -145,7 +146,7 @@ def test_blackhole(cluster: Cluster, proxy: SilentProxy, tmp_path: Path) -> None
     assert failing and _events(log, "db_write_recovered"), log[-3000:]
 
 
-def test_read_only(cluster: Cluster, tmp_path: Path) -> None:
+def test_read_only(cluster: PrivatePostgres, tmp_path: Path) -> None:
     db = "chaos_read_only"
 
     def inject(bundle: Bundle, sup: Supervisor) -> None:
@@ -196,7 +197,7 @@ def _longest_stall(db_url: str, seconds: float, stalls: list[float]) -> None:
     stalls.append(longest)
 
 
-def test_long_transactions(cluster: Cluster, tmp_path: Path) -> None:
+def test_long_transactions(cluster: PrivatePostgres, tmp_path: Path) -> None:
     """A reader holds `tasks` (ACCESS SHARE) for 30 s while `migrator up` applies 0003,
     which needs it exclusively; then a write transaction holds the counts (the row every
     writer once needed, and a shard through the trigger) for 6 s. Neither may stop the
@@ -274,6 +275,19 @@ class Pair(PrivatePostgres):
         )
         assert backup.returncode == 0, backup.stderr
         pgdata.chmod(0o700)
+        # The same roles and passwords as the primary's (the copy carries them), so the
+        # same password file: without it the replica would look like an old trust cluster.
+        passfile = localdb.passfile_for(primary.root / "pgdata")
+        shutil.copy(passfile, localdb.passfile_for(pgdata))
+        # The standby's server (its own system user) cannot read our password file: its
+        # connection to the primary carries the password itself, in its own data dir.
+        password = next(
+            line.rsplit(":", 1)[1].strip()
+            for line in passfile.read_text().splitlines()
+            if line.startswith(f"*:*:*:{localdb.OWNER_ROLE}:")
+        )
+        auto = pgdata / "postgresql.auto.conf"
+        auto.write_text(re.sub(r"passfile=''[^']*''", f"password={password}", auto.read_text()))
         self.start()  # a standby: standby.signal and primary_conninfo from -R
         sql(primary.admin_url, "ALTER SYSTEM SET synchronous_standby_names = '*'")
         sql(primary.admin_url, "SELECT pg_reload_conf()")
@@ -285,10 +299,11 @@ class Pair(PrivatePostgres):
             "the replica streaming synchronously",
         )
 
-    def url(self, db: str) -> str:
+    def url(self, db: str, role: str = localdb.OWNER_ROLE) -> str:
+        passfile = quote(str(localdb.passfile_for(self.primary.root / "pgdata")))
         return (
-            f"postgresql://{localdb.DB_USER}@127.0.0.1:{self.primary.port},127.0.0.1:{self.port}"
-            f"/{db}?target_session_attrs=read-write"
+            f"postgresql://{role}@127.0.0.1:{self.primary.port},127.0.0.1:{self.port}"
+            f"/{db}?target_session_attrs=read-write&passfile={passfile}"
         )
 
     def promote(self) -> None:
@@ -393,7 +408,7 @@ def _fill(directory: Path) -> Path:
 
 
 @pytest.fixture
-def small_disk(cluster: Cluster) -> Iterator[SmallDisk]:
+def small_disk(cluster: PrivatePostgres) -> Iterator[SmallDisk]:
     mount = Path(tempfile.mkdtemp(prefix="tasks-chaos-disk-"))
     user = localdb._run_as()
     owner = f",uid={pwd.getpwnam(user).pw_uid}" if user else ""
