@@ -117,18 +117,25 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
         try:
             conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=5, autocommit=True)
             try:
-                # Every relation and column the daemons' queries need (0004: attempt).
+                # Every relation and column the daemons' queries need (0004: attempt),
+                # and this role's right to write them: the migrator hands the tables to
+                # the daemons' role as its last step, so a daemon started next to it
+                # (make run) waits for that instead of failing its first query.
                 cur = await conn.execute(
                     "SELECT to_regclass('tasks') IS NOT NULL"
                     " AND to_regclass('task_counts') IS NOT NULL"
                     " AND to_regclass('task_totals') IS NOT NULL"
                     " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tasks')"
-                    "             AND attname = 'attempt' AND NOT attisdropped)"
+                    "             AND attname = 'attempt' AND NOT attisdropped),"
+                    " CASE WHEN to_regclass('task_totals') IS NULL THEN false ELSE"
+                    "  has_table_privilege('tasks', 'SELECT, INSERT, UPDATE')"
+                    "  AND has_table_privilege('task_counts', 'SELECT, UPDATE')"
+                    "  AND has_table_privilege('task_totals', 'SELECT, UPDATE') END"
                 )
                 row = await cur.fetchone()
             finally:
                 await conn.close()
-            if not require_schema or (row and row[0]):
+            if not require_schema or (row and row[0] and row[1]):
                 if logged:
                     log.info("database_ready")
                 return
@@ -137,6 +144,9 @@ async def wait_for_database(dsn: str, timeout_s: float, *, require_schema: bool)
                 "`task_totals` or column `tasks.attempt` missing): run `migrator up` "
                 "(make migrate); a database made by an early 0001 without task_counts "
                 "must be recreated"
+                if not (row and row[0])
+                else "this role may not write the tables yet: the migrator hands them over"
+                " when it ends (make migrate; MIGRATOR_APP_ROLE)"
             )
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
@@ -217,7 +227,10 @@ def session_conninfo(dsn: str, statement_timeout_s: float, lock_timeout_s: float
     """`dsn` with the TCP parameters it lacks and the daemons' session timeouts (as
     `options`, applied at connection start with no extra round trip; options already in
     the URL come after ours, so they win). Any libpq URL works, several hosts included."""
-    given = conninfo_to_dict(dsn)
+    try:
+        given = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:  # libpq cannot parse it: a setting, not an outage
+        raise SettingsError(f"invalid DATABASE_URL: {exc}") from None
     extra: dict[str, Any] = {k: v for k, v in TCP_PARAMS.items() if k not in given}
     # A session whose client went silent inside a transaction would hold its locks until
     # the server's own keepalives noticed; this ends it once no reply can be awaited.

@@ -436,8 +436,13 @@ def test_disk_full(small_disk: SmallDisk, tmp_path: Path) -> None:
         _in_flight(bundle, sup)
         ballast = _fill(small_disk.mount.parent)
         try:
+            # The consumer's own writes failing (another statement of it, maintenance
+            # say, may hit the full disk first while its writes still fit in free space).
             wait_until(
-                lambda: "No space left on device" in sup.log("consumer"),
+                lambda: (
+                    "No space left on device" in sup.log("consumer")
+                    and _events(sup.log("consumer"), "db_write_failing")
+                ),
                 30,
                 "the consumer's writes failing for want of space",
             )

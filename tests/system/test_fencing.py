@@ -72,7 +72,7 @@ def test_stale_leases_and_lost_done_replies_count_each_task_once(bundle: Bundle)
         proxy.close()
     reclaimed = int(sql(bundle.db_url, "SELECT count(*) FROM tasks WHERE attempt > 1")[0][0])  # type: ignore[arg-type]
     assert sum(aged) > 100 and reclaimed > 100, (sum(aged), reclaimed)  # the fault was real
-    assert proxy.dropped >= 10, proxy.dropped
+    assert proxy.dropped >= 5, proxy.dropped
     assert states(bundle.db_url) == {"received": 0, "processing": 0, "done": total}
     print(
         f"\nleases aged {sum(aged)}, tasks reclaimed {reclaimed}, done replies lost"

@@ -57,20 +57,22 @@ def test_a_producer_insert_whose_reply_is_lost_is_made_once(bundle: Bundle) -> N
 def test_a_done_write_whose_reply_is_lost_is_counted_once(bundle: Bundle) -> None:
     pg_port = urlsplit(bundle.db_url).port
     assert pg_port
-    proxy = ReplyDropper(pg_port, "SET state = 'done'", every=3, limit=10)
+    # Each lost reply is an outage that ends 2.5 s after its last failure (health
+    # NOT_SERVING meanwhile, so the producer holds off): a longer run for six of them.
+    proxy = ReplyDropper(pg_port, "SET state = 'done'", every=2, limit=6)
     try:
         consumer = bundle.consumer(
             DATABASE_URL=proxy.url(bundle.db_url, pg_port), CONSUMER_WORK_SCALE="0.05"
         )
-        producer = bundle.producer(PRODUCER_RATE="1500", PRODUCER_TOTAL=str(TOTAL))
-        assert producer.wait(60) == 0, producer.log()[-3000:]
-        wait_until(lambda: states(bundle.db_url)["done"] == TOTAL, 30, "all done")
-        assert proxy.dropped == 10, "every planned reply was lost"
+        producer = bundle.producer(PRODUCER_RATE="1500", PRODUCER_TOTAL=str(2 * TOTAL))
+        assert producer.wait(90) == 0, producer.log()[-3000:]
+        wait_until(lambda: states(bundle.db_url)["done"] == 2 * TOTAL, 30, "all done")
+        assert proxy.dropped == 6, f"{proxy.dropped} of 6 planned replies lost"
         stop_and_check_one_consumer(bundle, consumer)
     finally:
         proxy.close()
     assert len(consumer.events("db_write_failing")) >= 1
-    print(f"\nlost done replies: {proxy.dropped}; {TOTAL} done, counted and logged once each")
+    print(f"\nlost done replies: {proxy.dropped}; {2 * TOTAL} done, counted and logged once each")
 
 
 def test_a_client_registration_whose_reply_is_lost_is_made_once(bundle: Bundle) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 
+from daemons import localdb
 from daemons.bundle import supervisor_conf
 from tests.conftest import BIN, ROOT, free_port, states
 from tests.system.harness import Bundle, wait_until
@@ -32,10 +33,14 @@ def test_shutdown_stops_postgres_after_the_drained_daemons(tmp_path: Path) -> No
     # The data directory where an unprivileged user can reach it (CI runs as root).
     pgroot = Path(tempfile.mkdtemp(prefix="tasks-shutdown-pg-"))
     port = free_port()
-    bundle = Bundle(f"postgresql://postgres@127.0.0.1:{port}/tasks", tmp_path)
+    pgdata = pgroot / "pgdata"
+    bundle = Bundle(
+        localdb.url_for(port, "tasks", localdb.OWNER_ROLE, localdb.passfile_for(pgdata)),
+        tmp_path,
+    )
     env = bundle.env(
         LOCALDB_PORT=str(port),
-        LOCALDB_DATA=str(pgroot / "pgdata"),
+        LOCALDB_DATA=str(pgdata),
         PRODUCER_RATE="600",
         CONSUMER_WORK_SCALE="100",  # 0-10 s of work: the drain has work to give back
         CONSUMER_MAX_IN_FLIGHT="5000",
