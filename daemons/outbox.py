@@ -34,6 +34,7 @@ BACKLOG_REFRESH_S = 0.25  # re-read the global backlog at least this often
 MAX_BURST_S = 1.0  # credit never exceeds one second of production (no burst after a pause)
 FIRST_BACKOFF_S = 0.05  # doubled at each refusal in a row, up to PRODUCER_RETRY_BACKOFF_MAX
 FINISH_POLL_S = 0.2
+ID_BLOCK_BATCHES = 10  # ids are reserved for this many full batches at a time
 
 Send = Callable[[list[TaskRow]], Awaitable[Sequence[TaskStatus]]]
 
@@ -114,6 +115,25 @@ class Backlog:
         log.info(event, extra=fields(backlog=self.total))
 
 
+class IdBlock:
+    """Task ids reserved ahead, `block` at a time: one sequence round trip (and commit)
+    per block rather than one per batch. Ids a stop leaves unused are gaps, as any
+    sequence has."""
+
+    def __init__(self, store: TaskStore, block: int) -> None:
+        self.store = store
+        self.block = block
+        self.ids: list[int] = []
+        self.lock = asyncio.Lock()
+
+    async def take(self, n: int) -> list[int]:
+        async with self.lock:  # one refill at a time; a take from a full block is instant
+            if len(self.ids) < n:
+                self.ids += await self.store.reserve_ids(max(self.block, n - len(self.ids)))
+            out, self.ids = self.ids[:n], self.ids[n:]
+            return out
+
+
 class Outbox:
     def __init__(
         self,
@@ -135,6 +155,7 @@ class Outbox:
         self.batch_max = batch_max
         self.backoff_max_s = backoff_max_s
         self.backlog = Backlog(max_backlog)
+        self.id_block = IdBlock(store, batch_max * ID_BLOCK_BATCHES)
         self.remaining: int | None = total or None  # tasks still to make, with a total
         self.slots = asyncio.Semaphore(max_concurrent_sends)
         self.sends: set[asyncio.Task[None]] = set()
@@ -261,7 +282,7 @@ class Outbox:
         same rows: a failure whose outcome is unknown (a reply lost after the commit) can
         neither make a second copy nor lose the batch. None: nothing to send."""
         try:
-            ids = await self.store.reserve_ids(n)
+            ids = await self.id_block.take(n)
         except TRANSIENT_ERRORS as exc:
             self.db_insert.failing(exc)
             if self.remaining is not None:

@@ -21,6 +21,7 @@ from daemons.bench import profile
 from daemons.bench.measure import (
     CpuSnapshot,
     MinuteRows,
+    as_observer,
     ceiling,
     first_vs_last,
     lifetime_done,
@@ -329,6 +330,7 @@ def run_workload(
     bundle = run.phase(name)
     phase = start_daemons(bundle, opts, knobs, name)
     with psycopg.connect(bundle.db_url, autocommit=True) as conn:
+        as_observer(conn)
         phase.tick("warm-up", opts.warmup, progress)
         spies = start_spies(run, opts, phase, stamp)
         window = measure_window(
