@@ -411,15 +411,15 @@ class Engine:
                 self._record_done(batch, won)
 
     async def _watched(self, write: Awaitable[R]) -> R:
-        """`write`, reported as an outage once it has gone unanswered for STALL_S."""
-        task = asyncio.ensure_future(write)
+        """`write`, reported as an outage once it has gone unanswered for STALL_S (an
+        alarm, not a task of its own: this wraps every done statement)."""
+        alarm = asyncio.get_running_loop().call_later(
+            STALL_S, self.db.failing, f"no reply to a done statement for {STALL_S:.0f} s"
+        )
         try:
-            finished, _ = await asyncio.wait({task}, timeout=STALL_S)
-            if not finished:
-                self.db.failing(f"no reply to a done statement for {STALL_S:.0f} s")
-            return await task
+            return await write
         finally:
-            task.cancel()  # only if we were cancelled while it ran
+            alarm.cancel()
 
     def _record_done(self, batch: list[tuple[TaskRow, float]], won: set[int]) -> None:
         sums, counts = self.sums, self.counts

@@ -1,14 +1,23 @@
-"""A TCP proxy in front of PostgreSQL that loses replies on purpose: it forwards a chosen
-statement to the server, lets the server run and commit it, and then cuts the
-connection instead of passing the answer back. To the client that is a statement whose
-outcome it cannot know, the case a retry must get right.
+"""A TCP proxy on loopback in front of PostgreSQL, for the faults a network makes. One
+proxy, two faults, each injected for real on the wire:
 
-It reads the client's side of the wire protocol only as far as it must: the message
-frames, the query text of `Parse` (named or not, since psycopg prepares statements it
-runs often) and of simple `Query` messages, and which statement each `Bind` runs. A
-statement is "chosen" when its text contains `marker` and the countdown says so.
-With `hold_s`, every statement containing `marker` also waits that long before it is
-passed on: a slow writer, whose work piles up between its statements."""
+- Lost replies (`marker=`): it forwards a chosen statement to the server, lets the
+  server run and commit it, and then cuts the connection instead of passing the answer
+  back. To the client that is a statement whose outcome it cannot know, the case a retry
+  must get right (exactly once, issue 14). With `hold_s`, every statement containing
+  `marker` also waits that long before it is passed on: a slow writer, whose work piles
+  up between its statements.
+- Silence (`silence()`): every connection open at that moment goes silent. Nothing its
+  client sends reaches the server any more and nothing is closed (the kernel still
+  acknowledges, so TCP keepalives and tcp_user_timeout see a healthy peer: only a reply
+  deadline can tell). Connections made afterwards work normally (issue 15).
+
+To choose statements it reads the client's side of the wire protocol only as far as it
+must: the message frames, the query text of `Parse` (named or not, since psycopg
+prepares statements it runs often) and of simple `Query` messages, and which statement
+each `Bind` runs. A statement is chosen when its text contains `marker` and the
+countdown (every `every`-th, `limit` times at most) says so. Without a marker the bytes
+pass as they come."""
 
 from __future__ import annotations
 
@@ -19,40 +28,60 @@ import time
 from dataclasses import dataclass, field
 
 READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # the server's answer ends, after the commit
+NOT_A_STARTUP = (80877103, 80877104)  # SSL and GSS requests: the startup message follows
 
 
 @dataclass
-class _Conn:
+class _Link:
     client: socket.socket
     server: socket.socket
     statements: dict[bytes, bytes] = field(default_factory=dict)  # name -> query text
     doomed: bool = False  # the next answer's end cuts the connection
+    silent: bool = False  # the client's bytes are swallowed; nothing is closed
 
 
-class ReplyDropper:
+class PgProxy:
     def __init__(
-        self, upstream_port: int, marker: str, every: int, limit: int, hold_s: float = 0.0
+        self,
+        upstream_port: int,
+        marker: str = "",
+        *,
+        every: int = 1,
+        limit: int = 0,
+        hold_s: float = 0.0,
     ) -> None:
-        """Lose the reply of every `every`-th run of a statement containing `marker`,
-        `limit` times at most."""
         self.upstream = ("127.0.0.1", upstream_port)
+        self.upstream_port = upstream_port
         self.marker = marker.encode()
         self.every, self.limit = every, limit
         self.hold_s = hold_s
         self.seen = 0
         self.dropped = 0
         self._lock = threading.Lock()
+        self._links: list[_Link] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        self.port = int(self._listener.getsockname()[1])
         self._closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
 
-    def url(self, db_url: str, upstream_port: int) -> str:
-        return db_url.replace(f":{upstream_port}/", f":{self.port}/")
+    def url(self, db_url: str) -> str:
+        """`db_url` (of the upstream server) through this proxy."""
+        return db_url.replace(f":{self.upstream_port}/", f":{self.port}/")
+
+    def silence(self) -> int:
+        """Make every connection open now silent; how many there were."""
+        with self._lock:
+            for link in self._links:
+                link.silent = True
+            return len(self._links)
 
     def close(self) -> None:
         self._closing = True
         self._listener.close()
+        with self._lock:
+            for link in self._links:
+                link.client.close()
+                link.server.close()
 
     def _accept(self) -> None:
         while not self._closing:
@@ -60,10 +89,11 @@ class ReplyDropper:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
-            conn = _Conn(client, server)
-            threading.Thread(target=self._client_to_server, args=(conn,), daemon=True).start()
-            threading.Thread(target=self._server_to_client, args=(conn,), daemon=True).start()
+            link = _Link(client, socket.create_connection(self.upstream))
+            with self._lock:
+                self._links.append(link)
+            for pump in (self._client_to_server, self._server_to_client):
+                threading.Thread(target=pump, args=(link,), daemon=True).start()
 
     def _choose(self, query: bytes) -> bool:
         if self.marker not in query:
@@ -75,11 +105,16 @@ class ReplyDropper:
                 return True
         return False
 
-    def _client_to_server(self, conn: _Conn) -> None:
+    def _client_to_server(self, link: _Link) -> None:
         buf = b""
         started = False
         try:
-            while data := conn.client.recv(65536):
+            while data := link.client.recv(65536):
+                if link.silent:
+                    continue  # swallowed: the client waits for a reply that never comes
+                if not self.marker:
+                    link.server.sendall(data)
+                    continue
                 buf += data
                 out = b""
                 while True:
@@ -91,7 +126,7 @@ class ReplyDropper:
                             break
                         msg, buf = buf[:n], buf[n:]
                         code = struct.unpack("!I", msg[4:8])[0] if n >= 8 else 0
-                        started = code not in (80877103, 80877104)  # SSL, GSS: another follows
+                        started = code not in NOT_A_STARTUP
                         out += msg
                         continue
                     if len(buf) < 5:
@@ -100,47 +135,51 @@ class ReplyDropper:
                     if len(buf) < n + 1:
                         break
                     msg, buf = buf[: n + 1], buf[n + 1 :]
-                    if self._inspect(conn, msg) and self.hold_s:
+                    if self._inspect(link, msg) and self.hold_s:
                         time.sleep(self.hold_s)
                     out += msg
                 if out:
-                    conn.server.sendall(out)
+                    link.server.sendall(out)
         except OSError:
             pass
         finally:
-            _close(conn)
+            _close(link)
 
-    def _inspect(self, conn: _Conn, msg: bytes) -> bool:
+    def _inspect(self, link: _Link, msg: bytes) -> bool:
         """Note what the message runs; True if it runs a statement with the marker."""
         kind, body = msg[:1], msg[5:]
         if kind == b"P":  # Parse: name \0 query \0 ...
             name, _, rest = body.partition(b"\0")
-            conn.statements[name] = rest.partition(b"\0")[0]
+            link.statements[name] = rest.partition(b"\0")[0]
             return False
         if kind == b"B":  # Bind: portal \0 statement \0 ...
-            query = conn.statements.get(body.partition(b"\0")[2].partition(b"\0")[0], b"")
+            query = link.statements.get(body.partition(b"\0")[2].partition(b"\0")[0], b"")
         elif kind == b"Q":
             query = body
         else:
             return False
         if self._choose(query):
-            conn.doomed = True
+            link.doomed = True
         return self.marker in query
 
-    def _server_to_client(self, conn: _Conn) -> None:
+    def _server_to_client(self, link: _Link) -> None:
         try:
-            while data := conn.server.recv(65536):
-                if conn.doomed and READY_FOR_QUERY in data:
+            while data := link.server.recv(65536):
+                if link.doomed and READY_FOR_QUERY in data:
                     break  # the statement ran and committed; its answer is lost
-                conn.client.sendall(data)
+                link.client.sendall(data)
         except OSError:
             pass
         finally:
-            _close(conn)
+            _close(link)
 
 
-def _close(conn: _Conn) -> None:
-    for s in (conn.client, conn.server):
+def _close(link: _Link) -> None:
+    """Both ends, unless the link is silent: then its server session lingers, as behind a
+    real partition, until the server's own timeouts end it."""
+    if link.silent:
+        return
+    for s in (link.client, link.server):
         try:
             s.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -19,7 +19,7 @@ from tests.system.ledgers import (
     stop_and_check_one_consumer,
     unlogged_outside_kills,
 )
-from tests.system.pgproxy import ReplyDropper
+from tests.system.pgproxy import PgProxy
 
 SWEEPING = {
     "PRODUCER_SWEEP_INTERVAL": "0.5",
@@ -50,11 +50,11 @@ def test_stale_leases_and_lost_done_replies_count_each_task_once(bundle: Bundle)
     assert pg_port
     # Done writes held 0.3 s each, half of their replies lost: finished work piles up
     # between statements, so a task's older and newer attempts meet in one batch.
-    proxy = ReplyDropper(pg_port, "SET state = 'done'", every=2, limit=1_000_000, hold_s=0.3)
+    proxy = PgProxy(pg_port, "SET state = 'done'", every=2, limit=1_000_000, hold_s=0.3)
     stop, aged = threading.Event(), []
     ager = threading.Thread(target=_age_leases, args=(bundle.db_url, stop, aged), daemon=True)
     try:
-        consumer = bundle.consumer(DATABASE_URL=proxy.url(bundle.db_url, pg_port))
+        consumer = bundle.consumer(DATABASE_URL=proxy.url(bundle.db_url))
         producer = bundle.producer(
             PRODUCER_RATE="600",
             PRODUCER_TOTAL=str(total),

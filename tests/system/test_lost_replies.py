@@ -20,7 +20,7 @@ from tests.system.ledgers import (
     producer_ledger,
     stop_and_check_one_consumer,
 )
-from tests.system.pgproxy import ReplyDropper
+from tests.system.pgproxy import PgProxy
 
 TOTAL = 3000
 
@@ -28,11 +28,11 @@ TOTAL = 3000
 def test_a_producer_insert_whose_reply_is_lost_is_made_once(bundle: Bundle) -> None:
     pg_port = urlsplit(bundle.db_url).port
     assert pg_port
-    proxy = ReplyDropper(pg_port, "INSERT INTO tasks", every=4, limit=8)
+    proxy = PgProxy(pg_port, "INSERT INTO tasks", every=4, limit=8)
     try:
         consumer = bundle.consumer(CONSUMER_WORK_SCALE="0.05")
         producer = bundle.producer(
-            DATABASE_URL=proxy.url(bundle.db_url, pg_port),
+            DATABASE_URL=proxy.url(bundle.db_url),
             PRODUCER_RATE="1500",
             PRODUCER_TOTAL=str(TOTAL),
             PRODUCER_BATCH_MAX="50",
@@ -59,10 +59,10 @@ def test_a_done_write_whose_reply_is_lost_is_counted_once(bundle: Bundle) -> Non
     assert pg_port
     # Each lost reply is an outage that ends 2.5 s after its last failure (health
     # NOT_SERVING meanwhile, so the producer holds off): a longer run for six of them.
-    proxy = ReplyDropper(pg_port, "SET state = 'done'", every=2, limit=6)
+    proxy = PgProxy(pg_port, "SET state = 'done'", every=2, limit=6)
     try:
         consumer = bundle.consumer(
-            DATABASE_URL=proxy.url(bundle.db_url, pg_port), CONSUMER_WORK_SCALE="0.05"
+            DATABASE_URL=proxy.url(bundle.db_url), CONSUMER_WORK_SCALE="0.05"
         )
         producer = bundle.producer(PRODUCER_RATE="1500", PRODUCER_TOTAL=str(2 * TOTAL))
         assert producer.wait(90) == 0, producer.log()[-3000:]
@@ -82,11 +82,11 @@ def test_a_client_registration_whose_reply_is_lost_is_made_once(bundle: Bundle) 
     consumer's own sweep once its lease ends, and done."""
     pg_port = urlsplit(bundle.db_url).port
     assert pg_port
-    proxy = ReplyDropper(pg_port, "INSERT INTO task_keys", every=2, limit=5)
+    proxy = PgProxy(pg_port, "INSERT INTO task_keys", every=2, limit=5)
     stamp = time.time() - 60.0
     try:
         bundle.consumer(
-            DATABASE_URL=proxy.url(bundle.db_url, pg_port),
+            DATABASE_URL=proxy.url(bundle.db_url),
             CONSUMER_WORK_SCALE="0",
             CONSUMER_SWEEP_INTERVAL="0.5",
             CONSUMER_LEASE_TIMEOUT="2",
