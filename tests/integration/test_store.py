@@ -149,3 +149,33 @@ async def test_sessions_carry_the_timeouts_and_a_lock_wait_is_transient(db_url: 
         assert [r.id for r in await store.mark_processing([rows[0].id])] == [rows[0].id]
     finally:
         await store.close()
+
+
+async def test_batch_updates_are_planned_for_each_batch_never_generically(db_url: str) -> None:
+    """psycopg prepares a statement on its fifth use. Once a vacuum of the hot partition
+    had counted few live rows, PostgreSQL's generic plan for a batch update (which cannot
+    see the array's length) was a nested loop over batch x partition: 0.3-1 s for 1,000
+    ids. The sessions ask for custom plans, planned with the batch in hand."""
+    store = Store(db_url, pool_size=1, name="test")
+    await store.open(10)
+    try:
+        now = time.time()
+        rows = await store.insert_batch([0] * 2000, [1] * 2000, [now] * 2000)
+        await store.mark_done(await store.mark_processing([r.id for r in rows[:1990]]))
+        sql(db_url, "VACUUM tasks_unfinished")  # counts 10 live rows on the partition's pages
+        fresh = await store.insert_batch([0] * 2000, [1] * 2000, [now] * 2000)
+        # Past psycopg's fifth use and PostgreSQL's five custom plans before a generic one.
+        for i in range(16):
+            claimed = await store.mark_processing([r.id for r in fresh[i * 125 : (i + 1) * 125]])
+            assert len(claimed) == 125
+        async with store.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%%state = ''processing''%%unnest%%'"
+            )
+            plans = await cur.fetchall()
+            mode = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+        assert mode == ("force_custom_plan",)
+        assert plans and all(g == 0 and c >= 10 for g, c in plans), plans
+    finally:
+        await store.close()

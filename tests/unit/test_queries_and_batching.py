@@ -122,7 +122,7 @@ def test_every_connection_gets_tcp_timeouts_and_the_session_timeouts() -> None:
     assert {k: got[k] for k in TCP_PARAMS} == TCP_PARAMS
     assert got["options"] == (
         "-c statement_timeout=10000 -c lock_timeout=2500"
-        " -c idle_in_transaction_session_timeout=15000"
+        " -c idle_in_transaction_session_timeout=15000 -c plan_cache_mode=force_custom_plan"
     )
     # What the URL says itself is kept: its own TCP settings, and its options after ours.
     own = "postgresql://u@h/tasks?keepalives_idle=60&options=-c%20lock_timeout%3D9s"
