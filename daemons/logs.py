@@ -140,6 +140,23 @@ def emit_rows(
         handler.release()
 
 
+class ReplyToEndedCall(logging.Filter):
+    """grpc's server logs ERROR with a traceback when a reply cannot be sent because the
+    call ended first (its deadline passed or the client cancelled) but grpc had not yet
+    marked it closed: a race inside grpc, not a fault of ours (the work done stays done;
+    a client that retries with its key is told the same task). One WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("ExecuteBatchError raised in core by servicer method"):
+            method = text.rpartition("[")[2].rstrip("]")
+            record.msg, record.args = "rpc_reply_not_sent", None
+            setattr(record, _FIELDS, {"method": method, "reason": "call_ended_first"})
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(service: str, level: str, fmt: str) -> None:
     global _handler
     handler = logging.StreamHandler(sys.stderr)
@@ -154,3 +171,6 @@ def configure(service: str, level: str, fmt: str) -> None:
     # The pool warns on every failed reconnection attempt; our own code logs an outage
     # once per episode (db_*_failing / db_*_recovered) instead.
     logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))
+    grpc_server = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, ReplyToEndedCall) for f in grpc_server.filters):
+        grpc_server.addFilter(ReplyToEndedCall())

@@ -42,6 +42,34 @@ def test_emit_rows_writes_what_one_record_per_line_would(
     assert stream.getvalue() == ""
 
 
+def test_grpc_reply_to_an_ended_call_is_one_warning_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What grpc's server logs when a reply races the call's deadline (an ERROR and a
+    traceback) becomes one WARNING line naming the method; its other errors stay ERRORs."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.configure("consumer", "INFO", "console")
+    logs.configure("consumer", "INFO", "console")  # again: still one filter
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    assert sum(isinstance(f, logs.ReplyToEndedCall) for f in grpc_log.filters) == 1
+    try:
+        raise RuntimeError('Failed "execute_batch": (SendStatusFromServerOperation,)')
+    except RuntimeError:
+        grpc_log.exception(
+            "ExecuteBatchError raised in core by servicer method [%s]",
+            "/tasks.v1.Consumer/Submit",
+        )
+        grpc_log.exception("Unexpected [RuntimeError] raised by servicer method [/x/Y]")
+    lines = [line.split(" ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines[0] == (
+        "WARNING consumer rpc_reply_not_sent method=/tasks.v1.Consumer/Submit"
+        " reason=call_ended_first"
+    )
+    assert lines[1].startswith("ERROR consumer Unexpected [RuntimeError]")
+    assert "Traceback (most recent call last):" in stream.getvalue().split(lines[1])[1]
+
+
 def test_id_ranges_are_short_runs() -> None:
     assert logs.id_ranges([5, 1, 2, 3, 9, 12, 13]) == "1-3,5,9,12-13"
     assert logs.id_ranges([]) == ""
