@@ -151,10 +151,13 @@ class ReplyToEndedCall(logging.Filter):
         if text.startswith("ExecuteBatchError raised in core by servicer method"):
             method = text.rpartition("[")[2].rstrip("]")
             record.msg, record.args = "rpc_reply_not_sent", None
-            setattr(record, _FIELDS, {"method": method, "reason": "call_ended_first"})
+            vars(record).update(fields(method=method, reason="call_ended_first"))
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True
+
+
+_reply_to_ended_call = ReplyToEndedCall()
 
 
 def configure(service: str, level: str, fmt: str) -> None:
@@ -171,6 +174,5 @@ def configure(service: str, level: str, fmt: str) -> None:
     # The pool warns on every failed reconnection attempt; our own code logs an outage
     # once per episode (db_*_failing / db_*_recovered) instead.
     logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))
-    grpc_server = logging.getLogger("grpc._cython.cygrpc")
-    if not any(isinstance(f, ReplyToEndedCall) for f in grpc_server.filters):
-        grpc_server.addFilter(ReplyToEndedCall())
+    # addFilter keeps one copy of the same filter, however often configure runs.
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_reply_to_ended_call)
