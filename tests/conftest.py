@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Generator
 from pathlib import Path
 
 import psycopg
@@ -40,3 +41,22 @@ def states(url: str) -> dict[str, int]:
         {str(s): int(n) for s, n in sql(url, "SELECT state::text, count(*) FROM tasks GROUP BY 1")}
     )  # type: ignore[call-overload]
     return out
+
+
+LOG_TAIL_LINES = 40
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that ran a bundle in `tmp_path` reports the tail of every log the
+    bundle wrote (supervisord's, each daemon's, PostgreSQL's), so a hang seen once in a
+    full run can be read from the report instead of reproduced."""
+    report = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp, Path) and tmp.exists():
+        for path in sorted(tmp.glob("**/var/log/*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            report.sections.append((f"tail of {path.relative_to(tmp)}", "\n".join(lines)))
+    return report

@@ -21,6 +21,7 @@ pass as they come."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -77,6 +78,10 @@ class PgProxy:
 
     def close(self) -> None:
         self._closing = True
+        # close() alone leaves a blocked accept() holding the socket open, listening for
+        # the rest of the run; shutdown() wakes it.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             for link in self._links:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from daemons import localdb
 from daemons.bundle import supervisor_conf
@@ -24,6 +25,9 @@ def _processing(db_url: str) -> int:
         return 0
 
 
+# Room for the teardown's own shutdown after a failed wait, so the report carries the
+# logs (tests/conftest.py) instead of pytest-timeout's stack.
+@pytest.mark.timeout(240)
 def test_shutdown_stops_postgres_after_the_drained_daemons(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     for sub in ("log", "run"):
@@ -56,7 +60,7 @@ def test_shutdown_stops_postgres_after_the_drained_daemons(tmp_path: Path) -> No
     )
     log = tmp_path / "var" / "log"
     try:
-        wait_until(lambda: _processing(bundle.db_url) >= 500, 90, "work in flight")
+        wait_until(lambda: _processing(bundle.db_url) >= 500, 60, "work in flight")
         out = subprocess.run(
             [str(BIN / "supervisorctl"), "-c", str(conf), "shutdown"],
             env=env,
