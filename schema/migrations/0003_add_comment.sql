@@ -1,6 +1,6 @@
--- depends: 0004_task_attempts
--- (applied after 0004, which the daemons need, so `migrator down` takes this one, or
--- 0005, which the daemons also run on both sides of, before it.)
+-- depends: 0006_hot_partition_keeps_its_pages
+-- (applied after 0004, which the daemons need, and 0006, so `migrator down` takes this
+-- one, or 0005, which the daemons also run on both sides of, before them.)
 -- The live migration: a nullable column, added while the daemons run. Adding it takes no
 -- table rewrite, and the daemons' queries name their columns, so they keep working while
 -- it comes and goes. It was 0002 before the partitioned layout: IF NOT EXISTS makes it a

@@ -114,6 +114,7 @@ def test_rolling_back_0001_with_tasks_stored_needs_drop_tasks(db_url: str) -> No
     for expected in (
         "0005_shard_counts",
         "0003_add_comment",
+        "0006_hot_partition_keeps_its_pages",
         "0004_task_attempts",
         "0002_partition_tasks",
     ):
@@ -177,5 +178,23 @@ async def test_batch_updates_are_planned_for_each_batch_never_generically(db_url
             mode = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
         assert mode == ("force_custom_plan",)
         assert plans and all(g == 0 and c >= 10 for g, c in plans), plans
+    finally:
+        await store.close()
+
+
+async def test_vacuum_leaves_the_hot_partition_its_pages(db_url: str) -> None:
+    """A vacuum that truncates the hot partition's empty tail takes ACCESS EXCLUSIVE on
+    it, over and over under load, holding every writer (migration 0006): its pages stay,
+    for the next backlog to fill."""
+    store = Store(db_url, pool_size=1, name="test")
+    await store.open(10)
+    try:
+        rows = await store.insert_batch([0] * 5000, [1] * 5000, [time.time()] * 5000)
+        await store.mark_done(await store.mark_processing([r.id for r in rows]))
+        size = int(sql(db_url, "SELECT pg_relation_size('tasks_unfinished')")[0][0])  # type: ignore[call-overload]
+        assert states(db_url)["done"] == 5000  # the hot partition holds none of them now
+        sql(db_url, "VACUUM tasks_unfinished")  # would cut every page without 0006
+        kept = int(sql(db_url, "SELECT pg_relation_size('tasks_unfinished')")[0][0])  # type: ignore[call-overload]
+        assert size > 8192 * 10 and kept == size, (size, kept)
     finally:
         await store.close()
