@@ -73,14 +73,16 @@ WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE id = ANY(%(ids)s::bigint[]))
 RETURNING id
 
 -- name: mark_processing
--- Driven from the id list (primary-key lookups): `id = ANY(...) AND state = ...` lets
--- the planner prefer the state index once statistics say few rows are unfinished, and
--- that plan scans every unfinished task for each batch. A claim: the attempt goes up
--- (no index holds it, so the update stays HOT), and its lease starts now.
+-- One scan, never a join: primary-key lookups for the batch, or one pass over the hot
+-- partition against the (hashed) id list, whichever the planner prices lower; each
+-- costs about the batch or the partition. A join against unnest(...) could be planned
+-- as a loop over the batch for every received row once autoanalyze had sampled the
+-- partition at an instant with no `received` row (statistics: 1 expected; found: the
+-- backlog), batch x backlog rows per claim (tests/integration/test_store.py). A claim:
+-- the attempt goes up (no index holds it, so the update stays HOT), its lease starts now.
 UPDATE tasks AS t SET state = 'processing', last_update_time = extract(epoch FROM statement_timestamp()),
                       attempt = t.attempt + 1
-FROM unnest(%(ids)s::bigint[]) AS u(id)
-WHERE t.id = u.id AND t.state = 'received'
+WHERE t.id = ANY(%(ids)s::bigint[]) AND t.state = 'received'
 RETURNING t.id, t.type, t.value, t.creation_time, t.attempt
 
 -- name: mark_done
