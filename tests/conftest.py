@@ -4,10 +4,12 @@ SQL helpers."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -35,6 +37,18 @@ def sql(url: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[obj
         return cur.fetchall() if cur.description else []
 
 
+def explain_analyze(url: str, query: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+    """The top node of `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` of `query`, run in a
+    transaction that is rolled back (so an UPDATE changes nothing)."""
+    with psycopg.connect(url) as conn:
+        cur = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}", params)  # type: ignore[arg-type]
+        plan = cur.fetchone()[0]  # type: ignore[index]
+        conn.rollback()
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return plan[0]["Plan"]  # type: ignore[no-any-return]
+
+
 def states(url: str) -> dict[str, int]:
     out = {"received": 0, "processing": 0, "done": 0}
     out.update(
@@ -48,7 +62,7 @@ LOG_TAIL_LINES = 40
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
+    item: pytest.Item,
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed test that ran a bundle in `tmp_path` reports the tail of every log the
     bundle wrote (supervisord's, each daemon's, PostgreSQL's), so a hang seen once in a

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 
-import psycopg
 import pytest
 
 from daemons import maintenance
 from daemons.store import Partition, Store
-from tests.conftest import sql, states
+from tests.conftest import explain_analyze, sql, states
 
 
 @pytest.fixture(params=["superuser", "daemons' role"])
@@ -192,12 +190,7 @@ async def test_a_done_time_past_the_last_partition_makes_one_on_demand(url: str)
 
 
 def _buffers(url: str, query: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")  # type: ignore[arg-type]
-        plan = cur.fetchone()[0]  # type: ignore[index]
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-    top = plan[0]["Plan"]
+    top = explain_analyze(url, query)
     return int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
 
 

@@ -13,7 +13,7 @@ import pytest
 from daemons import store as store_module
 from daemons.errors import DatabaseUnavailable
 from daemons.store import Store, wait_for_database
-from tests.conftest import BIN, sql, states
+from tests.conftest import BIN, explain_analyze, sql, states
 
 
 async def _store(url: str) -> Store:
@@ -185,10 +185,6 @@ async def test_batch_updates_are_planned_for_each_batch_never_generically(db_url
 def _most_rows_a_node_touched(db_url: str, query: str, params: dict[str, str]) -> tuple[int, str]:
     """EXPLAIN ANALYZE `query` (rolled back): the most rows any plan node produced over
     all its loops, and the plan, for a message."""
-    with psycopg.connect(db_url) as conn:
-        cur = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query, params)  # type: ignore[operator]
-        plan = cur.fetchone()[0][0]["Plan"]  # type: ignore[index]
-        conn.rollback()
 
     def walk(node: dict) -> tuple[float, list[str]]:  # type: ignore[type-arg]
         here = float(node["Actual Rows"]) * float(node["Actual Loops"])
@@ -198,7 +194,7 @@ def _most_rows_a_node_touched(db_url: str, query: str, params: dict[str, str]) -
             here, names = max(here, n), names + sub
         return here, names
 
-    most, names = walk(plan)
+    most, names = walk(explain_analyze(db_url, query, params))
     return int(most), " / ".join(names)
 
 
