@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,9 @@ SOAK_EDGE_MINUTES = 5  # first 5 vs last 5 minutes
 class MinuteRows:
     """During the window, one row per minute as the minute ends (an hour-long soak shows
     its progress): tasks/s, p99 beyond each task's own work, PostgreSQL CPU per 1,000
-    tasks, database size on disk, and the done partitions stored."""
+    tasks, database size on disk, the done partitions stored, and the daemons' RSS (so
+    growth is told from warming up: a leak climbs every minute, a heap that settles
+    flattens)."""
 
     def __init__(
         self,
@@ -179,8 +181,9 @@ class MinuteRows:
         t0: float,
         m0: float,
         every_s: float = 60.0,
+        rss: Callable[[], dict[str, float]] = dict,
     ) -> None:
-        self.conn, self.pg_pid, self.work_scale = conn, pg_pid, work_scale
+        self.conn, self.pg_pid, self.work_scale, self.rss = conn, pg_pid, work_scale, rss
         self.rows: list[dict[str, Any]] = []
         self.every_s = every_s
         self.start_wall, self.next_at = t0, m0 + every_s
@@ -205,6 +208,7 @@ class MinuteRows:
             "pg_cpu_s_per_1k": (cpu - self.cpu) / max(done / 1000, 1e-6),
             "db_size_mb": int(size) / 2**20,
             "partitions": int(parts),
+            **{f"{role}_rss_mb": mb for role, mb in self.rss().items()},
         }
         self.rows.append(row)
         self.start_wall, self.cpu = end, cpu
@@ -215,7 +219,9 @@ def first_vs_last(minutes: list[dict[str, Any]], n: int = SOAK_EDGE_MINUTES) -> 
     """Mean of the first n minutes against the last n, and last / first, per figure."""
     n = max(1, min(n, len(minutes) // 2 or 1))
     out: dict[str, Any] = {"minutes_each": n}
-    for key in ("tasks_per_s", "p99_beyond_work_ms", "pg_cpu_s_per_1k", "db_size_mb"):
+    keys = ["tasks_per_s", "p99_beyond_work_ms", "pg_cpu_s_per_1k", "db_size_mb"]
+    keys += [k for k in minutes[0] if k.endswith("_rss_mb")] if minutes else []
+    for key in keys:
         first = statistics.fmean(m[key] for m in minutes[:n])
         last = statistics.fmean(m[key] for m in minutes[-n:])
         out[key] = {"first": first, "last": last, "ratio": last / first if first else None}

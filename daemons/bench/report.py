@@ -39,6 +39,7 @@ class Progress:
 
 MINUTE_HEAD = (
     f"{'minute':>6} {'tasks/s':>9} {'p99>work ms':>11} {'pg s/1k':>8} {'db MB':>8} {'parts':>5}"
+    f" {'prod MB':>7} {'cons MB':>7}"
 )
 
 
@@ -46,6 +47,7 @@ def minute_line(row: dict[str, Any]) -> str:
     return (
         f"{row['minute']:6d} {row['tasks_per_s']:9,.0f} {row['p99_beyond_work_ms']:11.1f}"
         f" {row['pg_cpu_s_per_1k']:8.4f} {row['db_size_mb']:8.0f} {row['partitions']:5d}"
+        f" {row.get('producer_rss_mb', 0):7.1f} {row.get('consumer_rss_mb', 0):7.1f}"
     )
 
 
@@ -277,6 +279,16 @@ def workload_html(name: str, w: dict[str, Any]) -> str:
                 ("PostgreSQL CPU per 1,000 tasks", "s", "pg", "#9467bd", "pg_cpu_s_per_1k"),
                 ("database size on disk", "MB", "size", "#8c564b", "db_size_mb"),
             )
+        )
+        per_minute += "<br>" + line_chart(
+            "RSS of the first producer and consumer",
+            "MB",
+            [
+                (r, color, mline(f"{r}_rss_mb"))
+                for r, color in (("producer", "#ff7f0e"), ("consumer", "#17becf"))
+                if f"{r}_rss_mb" in ms[0]
+            ],
+            0,
         )
     return (
         f"<h2>workload {html.escape(name)} (CONSUMER_WORK_SCALE={w['work_scale']:g})</h2>"

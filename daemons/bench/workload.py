@@ -189,7 +189,15 @@ def measure_window(
     rss_start = {r: rss_mb(phase.daemons[r].pid) for r in ROLES}
     t0 = time.time()
     minutes = (
-        MinuteRows(conn, run.pg_pid, work_scale, t0, time.monotonic(), opts.row_seconds)
+        MinuteRows(
+            conn,
+            run.pg_pid,
+            work_scale,
+            t0,
+            time.monotonic(),
+            opts.row_seconds,
+            rss=lambda: {r: rss_mb(phase.daemons[r].pid) for r in ROLES},
+        )
         if opts.minute_rows
         else None
     )

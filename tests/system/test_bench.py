@@ -83,6 +83,9 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
     assert len(rows) >= 2 and all(r["tasks_per_s"] > 0 and r["db_size_mb"] > 0 for r in rows)
     assert all(r["partitions"] >= 1 and r["pg_cpu_s_per_1k"] > 0 for r in rows)
     assert zero["minutes_first_vs_last"]["tasks_per_s"]["ratio"] > 0
+    # Each row has the daemons' RSS, and the edges compare it like the other figures.
+    assert all(r["producer_rss_mb"] > 0 and r["consumer_rss_mb"] > 0 for r in rows)
+    assert zero["minutes_first_vs_last"]["consumer_rss_mb"]["ratio"] > 0
 
     # No work: nothing to subtract from the latency.
     assert abs(zero["latency_ms"]["p99_beyond_work"] - zero["latency_ms"]["p99"]) < 0.01
