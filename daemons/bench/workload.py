@@ -87,6 +87,10 @@ class Phase:
     def pids(self) -> dict[str, int]:
         return {name: d.pid for name, d in self.daemons.items()}
 
+    def rss(self) -> dict[str, float]:
+        """RSS MB of the first instance of each role, now."""
+        return {r: rss_mb(self.daemons[r].pid) for r in ROLES}
+
     def tick(
         self, what: str, seconds: float, progress: Progress, minutes: MinuteRows | None = None
     ) -> None:
@@ -186,7 +190,7 @@ def measure_window(
     pg_before = pg_counters(conn)
     lifetime_before = lifetime_done(conn)
     before = CpuSnapshot.take(pids, pg)
-    rss_start = {r: rss_mb(phase.daemons[r].pid) for r in ROLES}
+    rss_start = phase.rss()
     t0 = time.time()
     minutes = (
         MinuteRows(
@@ -196,7 +200,7 @@ def measure_window(
             t0,
             time.monotonic(),
             opts.row_seconds,
-            rss=lambda: {r: rss_mb(phase.daemons[r].pid) for r in ROLES},
+            rss=phase.rss,
         )
         if opts.minute_rows
         else None
@@ -205,10 +209,8 @@ def measure_window(
     t1 = time.time()
     lifetime_at_t1 = lifetime_done(conn)
     # Memory growth over the window (the soak's figure): RSS at its end vs its start.
-    rss_growth = {
-        r: (rss_mb(phase.daemons[r].pid) - rss_start[r]) / max(rss_start[r], 1e-6) * 100
-        for r in ROLES
-    }
+    rss_end = phase.rss()
+    rss_growth = {r: (rss_end[r] - rss_start[r]) / max(rss_start[r], 1e-6) * 100 for r in ROLES}
     cpu = CpuSnapshot.take(pids, pg).minus(before)
     for extra in [name for name in pids if "_" in name]:  # sum instances per role
         cpu[role(extra)] += cpu.pop(extra)
