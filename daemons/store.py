@@ -78,6 +78,13 @@ MAINTENANCE_STATEMENT_TIMEOUT_S = 30  # DETACH ... CONCURRENTLY waits for old sn
 # A maintenance pass runs a handful of statements; past this it is dropped as silent.
 MAINTENANCE_PASS_DEADLINE_S = 4 * (MAINTENANCE_STATEMENT_TIMEOUT_S + REPLY_GRACE_S)
 DEFAULT_PARTITION_S = 3600.0  # done partitions made on demand before maintenance ran
+# Counting a detached partition before its drop reads every row, the one part of removal
+# that costs per row: it is done a slice of pages at a time on one core, with a pause as
+# long as the slice took (at most COUNT_PAUSE_MAX_S), so the pipeline keeps a core. As
+# one parallel count(*) it took both cores for 0.33 s per 1.9 M-row partition, a p99
+# spike of 200 ms in every minute of a soak.
+COUNT_SLICE_PAGES = 2048  # 16 MB of heap per statement
+COUNT_PAUSE_MAX_S = 0.05
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -656,10 +663,36 @@ class Store:
         taken off exactly once whatever stops the pass."""
         ident = sql.Identifier(name)
         async with conn.transaction():
-            cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident))
-            row = await cur.fetchone()
-            n = int(row[0]) if row else 0
+            n = await self._count_gently(conn, name)
             await conn.execute(q("take_off_done"), {"n": n})
             await conn.execute(sql.SQL("DROP TABLE {}").format(ident))
         report.dropped.append(name)
         report.dropped_rows += n
+
+    @staticmethod
+    async def _count_gently(conn: psycopg.AsyncConnection[Any], name: str) -> int:
+        """The rows of a detached partition (nobody writes it any more), counted by
+        ranges of pages (TID range scans), no parallel workers, pausing between ranges.
+        The last range is open-ended, so pages past the size read first count too."""
+        await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        ident = sql.Identifier(name)
+        cur = await conn.execute(
+            "SELECT pg_relation_size(quote_ident(%s)::regclass)"
+            " / current_setting('block_size')::bigint",
+            (name,),
+        )
+        row = await cur.fetchone()
+        pages = int(row[0]) if row else 0
+        total = 0
+        for start in range(0, max(pages, 1), COUNT_SLICE_PAGES):
+            t0 = time.perf_counter()
+            end = start + COUNT_SLICE_PAGES
+            cond = sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({start},0)"))
+            if end < pages:
+                cond += sql.SQL(" AND ctid < {}::tid").format(sql.Literal(f"({end},0)"))
+            cur = await conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ").format(ident) + cond)
+            row = await cur.fetchone()
+            total += int(row[0]) if row else 0
+            if end < pages:
+                await asyncio.sleep(min(COUNT_PAUSE_MAX_S, time.perf_counter() - t0))
+        return total

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from daemons import maintenance
+from daemons import store as store_module
 from daemons.store import Partition, Store
 from tests.conftest import explain_analyze, sql, states
 
@@ -94,6 +95,31 @@ async def test_retention_drops_old_done_partitions_and_never_an_unfinished_task(
         assert [p.name for p in await store.done_partitions()][: len(kept)] == [
             p.name for p in kept
         ]
+    finally:
+        await store.close()
+
+
+async def test_a_dropped_partition_is_counted_exactly_slice_by_slice(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count before a drop goes a few pages at a time (not to take both cores at
+    once): every slice, the last one open-ended, adds up to the partition's rows."""
+    monkeypatch.setattr(store_module, "COUNT_SLICE_PAGES", 4)
+    monkeypatch.setattr(store_module, "COUNT_PAUSE_MAX_S", 0.0)
+    store = await _store(url)
+    try:
+        legacy = (await store.done_partitions())[0]
+        sql(
+            url,
+            "INSERT INTO tasks (type, value, state, creation_time, last_update_time)"
+            " SELECT g %% 10, 3, 'done', 1000, 1000 FROM generate_series(1, 5003) g",
+        )
+        pages = int(sql(url, f"SELECT pg_relation_size('{legacy.name}') / 8192")[0][0])  # type: ignore[arg-type]
+        assert pages > 5 * 4  # many slices and a part-filled last one
+        await _past(url, legacy.upper + 1)
+        report = await store.maintain(60, 600, _db_now(url) - legacy.upper - 0.5)
+        assert report.dropped == [legacy.name] and report.dropped_rows == 5003
+        assert (await store.count_by_state())["done"] == 0 == states(url).get("done", 0)
     finally:
         await store.close()
 
