@@ -21,9 +21,9 @@ Per workload (daemons.bench.workload), after `--warmup` seconds, over `--seconds
   CPU s per 1k   user+system CPU of producer, consumer and the whole PostgreSQL process
                  tree (psutil) over the window, per 1,000 tasks done
   peak RSS       VmHWM of each daemon
-  ceiling        on the same database once the daemons are stopped: one Python process,
-                 psycopg, batches of 1,000 through the same three statements on a plain
-                 table; ratio = ours / ceiling
+  ceiling        on the same database before the daemons start and once they are
+                 stopped: one Python process, psycopg, batches of 1,000 through the same
+                 three statements on a plain table; ratio = ours / the two runs as one
 Each workload then runs again at half the rate it reached (`--no-half-rate` skips it):
 the latency target is set there, as creation -> done p99 beyond the task's own work.
 Then the single-task RPC figure (daemons.bench.rpc).

@@ -97,6 +97,8 @@ def as_observer(conn: psycopg.Connection[Any]) -> None:
     owns the private server's processes). On 2 cores, the minute rows' percentile over
     a minute of rows took CPU from the pipeline they measure, once a minute."""
     pid = int(one(conn, "SELECT pg_backend_pid()"))
+    # Its parallel workers would be other processes, at normal priority: none.
+    conn.execute("SET max_parallel_workers_per_gather = 0")
     try:
         os.setpriority(os.PRIO_PROCESS, pid, 19)
     except OSError:
@@ -254,4 +256,26 @@ def ceiling(url: str, seconds: float, pg_pid: int) -> dict[str, Any]:
         "table": "plain (primary key only, no trigger)",
         "seconds": round(elapsed, 2),
         "cpu_s_per_1k": {"python": cpu["bench"] / k, "postgres": cpu["postgres"] / k},
+    }
+
+
+def bracketed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The yardstick run on both sides of our window, as one: tasks over seconds, CPU per
+    1,000 weighted by tasks, both runs' tasks/s kept. A machine whose speed drifts within
+    minutes (other tenants; 1.7x between two 5 s runs minutes apart was seen here) then
+    moves ours and the yardstick alike, and a drift too large to trust shows."""
+    runs = (before, after)
+    tasks = sum(r["tasks"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    return {
+        **before,
+        "tasks_per_s": tasks / max(seconds, 1e-6),
+        "tasks": tasks,
+        "seconds": round(seconds, 2),
+        "cpu_s_per_1k": {
+            n: sum(r["cpu_s_per_1k"][n] * r["tasks"] for r in runs) / max(tasks, 1)
+            for n in before["cpu_s_per_1k"]
+        },
+        "before_tasks_per_s": before["tasks_per_s"],
+        "after_tasks_per_s": after["tasks_per_s"],
     }

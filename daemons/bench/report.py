@@ -100,6 +100,15 @@ def fmt_table(result: dict[str, Any]) -> str:
             lambda w: f"{w['ceiling']['tasks_per_s']:,.0f}" if "ceiling" in w else "-",
         )
         row(
+            "  before / after our window",
+            lambda w: (
+                f"{w['ceiling']['before_tasks_per_s']:,.0f} / "
+                f"{w['ceiling']['after_tasks_per_s']:,.0f}"
+                if "ceiling" in w
+                else "-"
+            ),
+        )
+        row(
             "  ceiling CPU s/1k py / pg",
             lambda w: (
                 f"{w['ceiling']['cpu_s_per_1k']['python']:.4f} / "

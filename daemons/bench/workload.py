@@ -22,6 +22,7 @@ from daemons.bench.measure import (
     CpuSnapshot,
     MinuteRows,
     as_observer,
+    bracketed,
     ceiling,
     first_vs_last,
     lifetime_done,
@@ -338,6 +339,11 @@ def run_workload(
     name = label or workload
     knobs = knobs_for(opts, workload, rate)
     bundle = run.phase(name)
+    yardstick = opts.ceiling_seconds > 0 and not label
+    if yardstick:
+        progress.show(f"[{name}] ceiling before: a plain table, one psycopg process")
+        before = ceiling(bundle.db_url, opts.ceiling_seconds, run.pg_pid)
+        progress.done()
     phase = start_daemons(bundle, opts, knobs, name)
     with psycopg.connect(bundle.db_url, autocommit=True) as conn:
         as_observer(conn)
@@ -352,9 +358,10 @@ def run_workload(
     result["exit_codes"], result["check"] = exit_codes, correct
     if spies:
         result["profile"] = profile.finish(spies, opts.seconds, name, stamp)
-    if opts.ceiling_seconds > 0 and not label:
-        progress.show(f"[{name}] ceiling: a plain table, one psycopg process")
-        result["ceiling"] = ceiling(bundle.db_url, opts.ceiling_seconds, run.pg_pid)
+    if yardstick:
+        progress.show(f"[{name}] ceiling after: a plain table, one psycopg process")
+        after = ceiling(bundle.db_url, opts.ceiling_seconds, run.pg_pid)
+        result["ceiling"] = bracketed(before, after)
         result["ratio_to_ceiling"] = result["tasks_per_s"] / result["ceiling"]["tasks_per_s"]
         progress.done()
     run.end_phase(bundle)

@@ -76,6 +76,10 @@ def test_bench_prints_one_json_line_with_positive_figures(tmp_path: Path) -> Non
     assert zero["exit_codes"] == {"producer": 0, "consumer": 0}
     assert zero["check"] == {"double_counted": 0, "lost_processing": 0, "exit_codes_ok": True}
     assert zero["ceiling"]["tasks_per_s"] > 0
+    # the yardstick ran on both sides of the window, and the ratio is to the two as one
+    before, after = zero["ceiling"]["before_tasks_per_s"], zero["ceiling"]["after_tasks_per_s"]
+    assert before > 0 and after > 0
+    assert 0.99 * min(before, after) <= zero["ceiling"]["tasks_per_s"] <= 1.01 * max(before, after)
     assert zero["ratio_to_ceiling"] > 0
     assert zero["settings"]["CONSUMER_WORK_SCALE"] == "0"
     assert zero["settings"]["TASKS_RETENTION"] == "1h"
