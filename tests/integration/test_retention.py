@@ -46,6 +46,17 @@ def _contiguous(parts: list[Partition]) -> bool:
     return all(a.upper == b.lower for a, b in itertools.pairwise(parts))
 
 
+async def _done_long_ago(store: Store, url: str, n: int, type_sql: str, value: int) -> Partition:
+    """`n` tasks done at t=1000, in the oldest done partition, which is returned."""
+    legacy = (await store.done_partitions())[0]
+    sql(
+        url,
+        "INSERT INTO tasks (type, value, state, creation_time, last_update_time)"
+        f" SELECT {type_sql}, {value}, 'done', 1000, 1000 FROM generate_series(1, {n}) g",
+    )
+    return legacy
+
+
 def _stored_done(url: str) -> int:
     return int(sql(url, "SELECT count(*) FROM tasks_done")[0][0])  # type: ignore[arg-type]
 
@@ -108,12 +119,7 @@ async def test_a_dropped_partition_is_counted_exactly_slice_by_slice(
     monkeypatch.setattr(store_module, "COUNT_PAUSE_MAX_S", 0.0)
     store = await _store(url)
     try:
-        legacy = (await store.done_partitions())[0]
-        sql(
-            url,
-            "INSERT INTO tasks (type, value, state, creation_time, last_update_time)"
-            " SELECT g %% 10, 3, 'done', 1000, 1000 FROM generate_series(1, 5003) g",
-        )
+        legacy = await _done_long_ago(store, url, 5003, "g %% 10", 3)
         pages = int(sql(url, f"SELECT pg_relation_size('{legacy.name}') / 8192")[0][0])  # type: ignore[arg-type]
         assert pages > 5 * 4  # many slices and a part-filled last one
         await _past(url, legacy.upper + 1)
@@ -127,12 +133,7 @@ async def test_a_dropped_partition_is_counted_exactly_slice_by_slice(
 async def test_a_pass_stopped_between_detach_and_drop_is_finished_next_time(url: str) -> None:
     store = await _store(url)
     try:
-        legacy = (await store.done_partitions())[0]
-        sql(
-            url,
-            "INSERT INTO tasks (type, value, state, creation_time, last_update_time)"
-            " SELECT 1, 2, 'done', 1000, 1000 FROM generate_series(1, 40)",
-        )
+        legacy = await _done_long_ago(store, url, 40, "1", 2)
         # As if a maintainer died right after its DETACH: rows invisible, still counted.
         sql(url, f"ALTER TABLE tasks_done DETACH PARTITION {legacy.name}")
         assert states(url)["done"] == 0 and (await store.count_by_state())["done"] == 40
