@@ -340,10 +340,14 @@ def run_workload(
     knobs = knobs_for(opts, workload, rate)
     bundle = run.phase(name)
     yardstick = opts.ceiling_seconds > 0 and not label
-    if yardstick:
-        progress.show(f"[{name}] ceiling before: a plain table, one psycopg process")
-        before = ceiling(bundle.db_url, opts.ceiling_seconds, run.pg_pid)
+
+    def plain_ceiling(when: str) -> dict[str, Any]:
+        progress.show(f"[{name}] ceiling {when}: a plain table, one psycopg process")
+        out = ceiling(bundle.db_url, opts.ceiling_seconds, run.pg_pid)
         progress.done()
+        return out
+
+    before = plain_ceiling("before") if yardstick else {}
     phase = start_daemons(bundle, opts, knobs, name)
     with psycopg.connect(bundle.db_url, autocommit=True) as conn:
         as_observer(conn)
@@ -359,10 +363,7 @@ def run_workload(
     if spies:
         result["profile"] = profile.finish(spies, opts.seconds, name, stamp)
     if yardstick:
-        progress.show(f"[{name}] ceiling after: a plain table, one psycopg process")
-        after = ceiling(bundle.db_url, opts.ceiling_seconds, run.pg_pid)
-        result["ceiling"] = bracketed(before, after)
+        result["ceiling"] = bracketed(before, plain_ceiling("after"))
         result["ratio_to_ceiling"] = result["tasks_per_s"] / result["ceiling"]["tasks_per_s"]
-        progress.done()
     run.end_phase(bundle)
     return result
